@@ -1,0 +1,326 @@
+//! The evaluator: one implementation of the semantics, used by `check`,
+//! `matrix` and (later) the node runtime.
+//!
+//! A connection is allowed only when the source's egress and the
+//! destination's ingress both allow it. Each direction is decided tier by
+//! tier: admin rules in priority order (allow / deny end it, pass skips to the
+//! namespace tier), then the namespace tier (a workload selected by any
+//! policy for that direction is isolated: allowed only if some rule matches),
+//! then baseline rules, then the default: allow.
+//!
+//! Policies that apply to an identity are found through an index on one
+//! equality requirement of each subject selector (for NetworkPolicy, always
+//! the namespace), so a decision costs a few hash lookups plus the rules of
+//! the policies that really apply, not a scan of every policy.
+
+use crate::model::*;
+use crate::ruleset::Ruleset;
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+/// One side of a connection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Endpoint<'a> {
+    /// `None` for endpoints that are not workloads (external addresses).
+    pub identity: Option<&'a Identity>,
+    pub ip: Option<IpAddr>,
+    /// Declared container ports (used when this endpoint is the destination).
+    pub ports: &'a [NamedPort],
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Flow<'a> {
+    pub src: Endpoint<'a>,
+    pub dst: Endpoint<'a>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// Why one direction was allowed or denied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// The endpoint is not a workload; nothing of ours governs it.
+    NotAWorkload,
+    /// A rule matched (index into the ruleset's policies, then into that
+    /// policy's rules for the direction).
+    Rule {
+        policy: u32,
+        rule: u32,
+        action: Action,
+    },
+    /// Selected by these namespace-tier policies, and none of their rules matched.
+    Isolated { policies: Vec<u32> },
+    /// No policy governs this workload in this direction.
+    Default,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectionVerdict {
+    pub direction: Direction,
+    pub allowed: bool,
+    pub reason: Reason,
+    /// Admin-tier `pass` rules that sent the decision down to the namespace tier.
+    pub passed_by: Vec<(u32, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub egress: DirectionVerdict,
+    pub ingress: DirectionVerdict,
+}
+
+/// The policies whose subject selects an identity, in evaluation order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applicable(Vec<u32>);
+
+impl Applicable {
+    pub fn policies(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+pub struct Evaluator<'r> {
+    rs: &'r Ruleset,
+    /// key → value → policies whose subject requires key=value (one anchor each).
+    anchored: HashMap<String, HashMap<String, Vec<u32>>>,
+    unanchored: Vec<u32>,
+}
+
+impl<'r> Evaluator<'r> {
+    pub fn new(rs: &'r Ruleset) -> Self {
+        let mut anchored: HashMap<String, HashMap<String, Vec<u32>>> = HashMap::new();
+        let mut unanchored = Vec::new();
+        for (i, p) in rs.policies.iter().enumerate() {
+            let anchor = p
+                .subject
+                .requirements
+                .iter()
+                .filter(|r| r.op == Operator::In)
+                .min_by_key(|r| (r.key != NAMESPACE_KEY, r.values.len()));
+            match anchor {
+                Some(r) => {
+                    let by_value = anchored.entry(r.key.clone()).or_default();
+                    for v in &r.values {
+                        by_value.entry(v.clone()).or_default().push(i as u32);
+                    }
+                }
+                None => unanchored.push(i as u32),
+            }
+        }
+        Evaluator {
+            rs,
+            anchored,
+            unanchored,
+        }
+    }
+
+    pub fn ruleset(&self) -> &'r Ruleset {
+        self.rs
+    }
+
+    /// Policies selecting `id`, in ruleset order (= tier, then priority).
+    pub fn applicable(&self, id: &Identity) -> Applicable {
+        let mut out = Vec::new();
+        for (k, v) in id.iter() {
+            if let Some(ps) = self.anchored.get(k).and_then(|m| m.get(v)) {
+                out.extend(
+                    ps.iter()
+                        .copied()
+                        .filter(|&p| self.rs.policies[p as usize].subject.matches(id)),
+                );
+            }
+        }
+        out.extend(
+            self.unanchored
+                .iter()
+                .copied()
+                .filter(|&p| self.rs.policies[p as usize].subject.matches(id)),
+        );
+        out.sort_unstable();
+        Applicable(out)
+    }
+
+    pub fn evaluate(&self, flow: &Flow<'_>) -> Decision {
+        let src_app = flow.src.identity.map(|id| self.applicable(id));
+        let dst_app = flow.dst.identity.map(|id| self.applicable(id));
+        self.evaluate_with(flow, src_app.as_ref(), dst_app.as_ref())
+    }
+
+    /// As `evaluate`, with the applicable policies computed beforehand (the
+    /// matrix computes them once per workload, not once per pair).
+    pub fn evaluate_with(
+        &self,
+        flow: &Flow<'_>,
+        src: Option<&Applicable>,
+        dst: Option<&Applicable>,
+    ) -> Decision {
+        let egress = match src {
+            Some(a) => self.direction(a, Direction::Egress, &flow.dst, flow),
+            None => not_a_workload(Direction::Egress),
+        };
+        let ingress = match dst {
+            Some(a) => self.direction(a, Direction::Ingress, &flow.src, flow),
+            None => not_a_workload(Direction::Ingress),
+        };
+        Decision {
+            allowed: egress.allowed && ingress.allowed,
+            egress,
+            ingress,
+        }
+    }
+
+    /// Only whether it is allowed, without building explanations.
+    pub fn allowed_with(
+        &self,
+        flow: &Flow<'_>,
+        src: Option<&Applicable>,
+        dst: Option<&Applicable>,
+    ) -> bool {
+        src.is_none_or(|a| {
+            self.direction(a, Direction::Egress, &flow.dst, flow)
+                .allowed
+        }) && dst.is_none_or(|a| {
+            self.direction(a, Direction::Ingress, &flow.src, flow)
+                .allowed
+        })
+    }
+
+    fn direction(
+        &self,
+        app: &Applicable,
+        dir: Direction,
+        peer: &Endpoint<'_>,
+        flow: &Flow<'_>,
+    ) -> DirectionVerdict {
+        let mut passed_by = Vec::new();
+        let verdict = |allowed, reason, passed_by| DirectionVerdict {
+            direction: dir,
+            allowed,
+            reason,
+            passed_by,
+        };
+        let policies = &self.rs.policies;
+        let mut tier_start = 0;
+        // Admin tier.
+        'admin: for (n, &pi) in app.0.iter().enumerate() {
+            let p = &policies[pi as usize];
+            if p.tier != Tier::Admin {
+                tier_start = n;
+                break;
+            }
+            tier_start = n + 1;
+            for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
+                if rule_matches(r, peer, flow) {
+                    let reason = Reason::Rule {
+                        policy: pi,
+                        rule: ri as u32,
+                        action: r.action,
+                    };
+                    match r.action {
+                        Action::Allow => return verdict(true, reason, passed_by),
+                        Action::Deny => return verdict(false, reason, passed_by),
+                        Action::Pass => {
+                            passed_by.push((pi, ri as u32));
+                            // Skip the rest of the admin tier.
+                            tier_start = app
+                                .0
+                                .iter()
+                                .position(|&q| policies[q as usize].tier != Tier::Admin)
+                                .unwrap_or(app.0.len());
+                            break 'admin;
+                        }
+                    }
+                }
+            }
+        }
+        // Namespace tier.
+        let mut isolating = Vec::new();
+        let mut n = tier_start;
+        while n < app.0.len() {
+            let pi = app.0[n];
+            let p = &policies[pi as usize];
+            if p.tier != Tier::Namespace {
+                break;
+            }
+            n += 1;
+            let Some(rules) = p.rules(dir) else { continue };
+            isolating.push(pi);
+            for (ri, r) in rules.iter().enumerate() {
+                if rule_matches(r, peer, flow) {
+                    return verdict(
+                        true,
+                        Reason::Rule {
+                            policy: pi,
+                            rule: ri as u32,
+                            action: r.action,
+                        },
+                        passed_by,
+                    );
+                }
+            }
+        }
+        if !isolating.is_empty() {
+            return verdict(
+                false,
+                Reason::Isolated {
+                    policies: isolating,
+                },
+                passed_by,
+            );
+        }
+        // Baseline tier.
+        for &pi in &app.0[n..] {
+            let p = &policies[pi as usize];
+            for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
+                if rule_matches(r, peer, flow) && r.action != Action::Pass {
+                    let reason = Reason::Rule {
+                        policy: pi,
+                        rule: ri as u32,
+                        action: r.action,
+                    };
+                    return verdict(r.action == Action::Allow, reason, passed_by);
+                }
+            }
+        }
+        verdict(true, Reason::Default, passed_by)
+    }
+}
+
+fn not_a_workload(direction: Direction) -> DirectionVerdict {
+    DirectionVerdict {
+        direction,
+        allowed: true,
+        reason: Reason::NotAWorkload,
+        passed_by: Vec::new(),
+    }
+}
+
+fn rule_matches(r: &Rule, peer: &Endpoint<'_>, flow: &Flow<'_>) -> bool {
+    ports_match(&r.ports, flow) && peers_match(&r.peers, peer)
+}
+
+fn ports_match(ports: &[PortRule], flow: &Flow<'_>) -> bool {
+    ports.is_empty()
+        || ports.iter().any(|pr| {
+            pr.protocol == flow.protocol
+                && match &pr.port {
+                    PortMatch::Any => true,
+                    PortMatch::Range { first, last } => (*first..=*last).contains(&flow.port),
+                    // Resolved against the destination's container ports, protocol included.
+                    PortMatch::Named(name) => flow.dst.ports.iter().any(|np| {
+                        np.name == *name && np.protocol == pr.protocol && np.port == flow.port
+                    }),
+                }
+        })
+}
+
+fn peers_match(peers: &Peers, peer: &Endpoint<'_>) -> bool {
+    match peers {
+        Peers::Any => true,
+        Peers::AnyOf(list) => list.iter().any(|p| match p {
+            Peer::Identity(sel) => peer.identity.is_some_and(|id| sel.matches(id)),
+            Peer::Cidr(block) => peer.ip.is_some_and(|ip| block.contains(&ip)),
+        }),
+    }
+}

@@ -1,0 +1,16 @@
+//! Trireme policy compiler.
+//!
+//! Data flows one way: `source` (YAML inputs) → `model` → `compile` →
+//! `ruleset` (the portable artifact) → `eval` (decisions) → `matrix`.
+
+pub mod cluster;
+pub mod compile;
+pub mod diag;
+pub mod eval;
+pub mod explain;
+pub mod inspect;
+pub mod matrix;
+pub mod model;
+pub mod names;
+pub mod ruleset;
+pub mod source;

@@ -1,0 +1,253 @@
+//! `trireme`: compile Kubernetes network policies into a portable ruleset
+//! and answer reachability questions offline.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::{BufWriter, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use trireme_compiler::cluster::{Cluster, Workload};
+use trireme_compiler::eval::{Endpoint, Evaluator, Flow};
+use trireme_compiler::model::Protocol;
+use trireme_compiler::ruleset::Ruleset;
+use trireme_compiler::{compile, explain, matrix, source};
+
+#[derive(Parser)]
+#[command(
+    name = "trireme",
+    version,
+    about = "Identity-based network policy: compile and query offline"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Compile policies into a ruleset file.
+    Compile {
+        /// Input file or directory (repeatable; YAML, multi-document, kind: List).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Where to write the compiled ruleset.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
+    /// May one workload reach another? Exit 0 allowed, 1 denied, 2 error.
+    Check {
+        /// Cluster snapshot and (without --ruleset) policies.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// A compiled ruleset to evaluate instead of policies from -f.
+        #[arg(long)]
+        ruleset: Option<PathBuf>,
+        /// Source: NS/POD, or an IP address for a non-workload peer.
+        #[arg(long)]
+        from: String,
+        /// Destination: NS/POD, or an IP address for a non-workload peer.
+        #[arg(long)]
+        to: String,
+        /// PORT[/PROTOCOL], protocol TCP (default), UDP or SCTP.
+        #[arg(long, value_parser = parse_port)]
+        port: (u16, Protocol),
+    },
+    /// Reachability of every ordered pair of pods in the snapshot.
+    Matrix {
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        ruleset: Option<PathBuf>,
+        /// PORT[/PROTOCOL] (repeatable).
+        #[arg(long = "port", value_parser = parse_port, required = true)]
+        ports: Vec<(u16, Protocol)>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
+    /// Print a compiled ruleset in readable form.
+    Inspect { ruleset: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn parse_port(s: &str) -> Result<(u16, Protocol), String> {
+    let (p, proto) = match s.split_once('/') {
+        Some((p, proto)) => (
+            p,
+            Protocol::parse(proto)
+                .ok_or_else(|| format!("unknown protocol {proto:?} (TCP, UDP or SCTP)"))?,
+        ),
+        None => (s, Protocol::Tcp),
+    };
+    match p.parse::<u16>() {
+        Ok(n) if n >= 1 => Ok((n, proto)),
+        _ => Err(format!("{p:?} is not a port number (1-65535)")),
+    }
+}
+
+/// An error already explained to the user.
+struct Failed;
+
+fn fail(msg: impl std::fmt::Display) -> Failed {
+    eprintln!("{msg}");
+    Failed
+}
+
+fn read_ruleset(path: &PathBuf) -> Result<Ruleset, Failed> {
+    let bytes = std::fs::read(path).map_err(|e| fail(format!("error: {}: {e}", path.display())))?;
+    Ruleset::decode(&bytes).map_err(|e| fail(format!("error: {}: {e}", path.display())))
+}
+
+/// Policies from --ruleset or from -f, and the snapshot from -f.
+fn ruleset_and_cluster(
+    files: &[PathBuf],
+    ruleset: Option<&PathBuf>,
+) -> Result<(Ruleset, Cluster), Failed> {
+    let loaded = if files.is_empty() {
+        source::Loaded::default()
+    } else {
+        source::load(files).map_err(fail)?
+    };
+    let rs = match ruleset {
+        Some(path) => {
+            if !loaded.policies.is_empty() {
+                return Err(fail(format!(
+                    "error: --ruleset given, but the -f inputs also contain {} policies; pass only the cluster snapshot with -f",
+                    loaded.policies.len()
+                )));
+            }
+            read_ruleset(path)?
+        }
+        None => compile::compile(&loaded),
+    };
+    Ok((rs, loaded.cluster))
+}
+
+enum Party<'a> {
+    Workload(&'a Workload),
+    Ip(IpAddr),
+}
+
+fn party<'a>(cluster: &'a Cluster, s: &str) -> Result<Party<'a>, Failed> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(Party::Ip(ip));
+    }
+    cluster.find(s).map(Party::Workload).ok_or_else(|| {
+        fail(format!(
+            "error: no pod {s:?} in the snapshot (use NS/POD; {} pods loaded)",
+            cluster.workloads.len()
+        ))
+    })
+}
+
+fn endpoint<'a>(p: &Party<'a>) -> Endpoint<'a> {
+    match p {
+        Party::Workload(w) => Endpoint {
+            identity: Some(&w.identity),
+            ip: w.pod.ips.first().copied(),
+            ports: &w.pod.ports,
+        },
+        Party::Ip(ip) => Endpoint {
+            identity: None,
+            ip: Some(*ip),
+            ports: &[],
+        },
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Failed> {
+    match cli.cmd {
+        Cmd::Compile { files, output } => {
+            let loaded = source::load(&files).map_err(fail)?;
+            let rs = compile::compile(&loaded);
+            let bytes = rs.encode();
+            // Write beside the target and rename: never leave a half-written ruleset.
+            let tmp = output.with_extension("tmp~");
+            std::fs::write(&tmp, &bytes)
+                .and_then(|_| std::fs::rename(&tmp, &output))
+                .map_err(|e| fail(format!("error: {}: {e}", output.display())))?;
+            println!(
+                "compiled {} policies, {} rules from {} files into {} ({} bytes, sha256:{})",
+                rs.policies.len(),
+                rs.rule_count(),
+                rs.sources.len(),
+                output.display(),
+                bytes.len(),
+                rs.content_hash()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check {
+            files,
+            ruleset,
+            from,
+            to,
+            port,
+        } => {
+            let (rs, cluster) = ruleset_and_cluster(&files, ruleset.as_ref())?;
+            let (src, dst) = (party(&cluster, &from)?, party(&cluster, &to)?);
+            let ev = Evaluator::new(&rs);
+            let flow = Flow {
+                src: endpoint(&src),
+                dst: endpoint(&dst),
+                port: port.0,
+                protocol: port.1,
+            };
+            let d = ev.evaluate(&flow);
+            println!(
+                "{from} -> {to} {}/{}: {}",
+                port.0,
+                port.1,
+                if d.allowed { "ALLOWED" } else { "DENIED" }
+            );
+            for line in explain::decision(&rs, &d, &from, &to) {
+                println!("  {line}");
+            }
+            Ok(if d.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Matrix {
+            files,
+            ruleset,
+            ports,
+            output,
+        } => {
+            let (rs, cluster) = ruleset_and_cluster(&files, ruleset.as_ref())?;
+            let ev = Evaluator::new(&rs);
+            let m = matrix::compute(&ev, &cluster, &ports);
+            let stdout = std::io::stdout();
+            let mut out = BufWriter::new(stdout.lock());
+            let res = match output {
+                Format::Text => m.write_text(&mut out),
+                Format::Json => m.write_json(&mut out),
+            };
+            res.and_then(|_| out.flush())
+                .map_err(|e| fail(format!("error: writing output: {e}")))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect { ruleset } => {
+            let rs = read_ruleset(&ruleset)?;
+            let stdout = std::io::stdout();
+            let mut out = BufWriter::new(stdout.lock());
+            trireme_compiler::inspect::write(&rs, &mut out)
+                .and_then(|_| out.flush())
+                .map_err(|e| fail(format!("error: writing output: {e}")))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(Failed) => ExitCode::from(2),
+    }
+}

@@ -1,0 +1,173 @@
+//! The compiled ruleset: the portable artifact between the compiler and the
+//! node runtime (format in docs/ruleset-format.md).
+//!
+//! Layout: 8-byte magic, u16 major, u16 minor, u64 body length, 32-byte
+//! SHA-256 of the body, then the body (postcard). Everything is sorted before
+//! encoding, so equal inputs give equal bytes in any input order. A reader
+//! refuses a newer major version rather than misreading it.
+
+use crate::model::{Policy, Requirement};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+
+pub const MAGIC: &[u8; 8] = b"TRIREME\x00";
+pub const FORMAT_MAJOR: u16 = 1;
+pub const FORMAT_MINOR: u16 = 0;
+const HEADER_LEN: usize = 8 + 2 + 2 + 8 + 32;
+/// Upper bound on a body we are willing to decode (sanity, not a tuning knob).
+pub const MAX_BODY: u64 = 1 << 31;
+
+/// A WebAssembly plugin carried by the ruleset (filled by the plugin issue).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Plugin {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub wasm: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ruleset {
+    /// Source files (as given on the command line), sorted.
+    pub sources: Vec<String>,
+    /// Sorted by tier, priority, then name: the evaluation order.
+    pub policies: Vec<Policy>,
+    /// Every label key any selector reads, sorted: the runtime puts only
+    /// these into identity tokens.
+    pub label_keys: Vec<String>,
+    pub plugins: Vec<Plugin>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RulesetError {
+    #[error("not a trireme ruleset (bad magic header)")]
+    BadMagic,
+    #[error(
+        "ruleset format {major}.{minor} is newer than this build supports ({FORMAT_MAJOR}.x); upgrade trireme"
+    )]
+    NewerVersion { major: u16, minor: u16 },
+    #[error(
+        "ruleset format {major}.{minor} is too old for this build ({FORMAT_MAJOR}.x); recompile the policies"
+    )]
+    OlderVersion { major: u16, minor: u16 },
+    #[error("ruleset is truncated ({have} bytes, expected {want})")]
+    Truncated { have: u64, want: u64 },
+    #[error("ruleset has {0} trailing bytes after its body")]
+    Trailing(u64),
+    #[error("ruleset is corrupted: content hash mismatch")]
+    HashMismatch,
+    #[error("ruleset is corrupted: {0}")]
+    Decode(String),
+}
+
+impl Ruleset {
+    /// Builds a ruleset in canonical order.
+    /// `sources` must already be sorted: `SourceRef::file` indexes it.
+    pub fn new(sources: Vec<String>, mut policies: Vec<Policy>) -> Self {
+        debug_assert!(sources.is_sorted());
+        policies.sort();
+        let keys: BTreeSet<&str> = policies
+            .iter()
+            .flat_map(|p| p.selectors())
+            .flat_map(|s| s.requirements.iter().map(|r: &Requirement| r.key.as_str()))
+            .collect();
+        Ruleset {
+            sources,
+            label_keys: keys.into_iter().map(String::from).collect(),
+            policies,
+            plugins: Vec::new(),
+        }
+    }
+
+    fn body(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("serializing to memory cannot fail")
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let body = self.body();
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_MAJOR.to_le_bytes());
+        out.extend_from_slice(&FORMAT_MINOR.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&Sha256::digest(&body));
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// SHA-256 of the encoded body, hex: names a ruleset in logs and diffs.
+    pub fn content_hash(&self) -> String {
+        hex(&Sha256::digest(self.body()))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Ruleset, RulesetError> {
+        if bytes.len() < 8 || &bytes[..8] != MAGIC {
+            return Err(RulesetError::BadMagic);
+        }
+        if bytes.len() < HEADER_LEN {
+            return Err(RulesetError::Truncated {
+                have: bytes.len() as u64,
+                want: HEADER_LEN as u64,
+            });
+        }
+        let major = u16::from_le_bytes([bytes[8], bytes[9]]);
+        let minor = u16::from_le_bytes([bytes[10], bytes[11]]);
+        if major > FORMAT_MAJOR {
+            return Err(RulesetError::NewerVersion { major, minor });
+        }
+        if major < FORMAT_MAJOR {
+            return Err(RulesetError::OlderVersion { major, minor });
+        }
+        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+        let have = (bytes.len() - HEADER_LEN) as u64;
+        if len > MAX_BODY || have < len {
+            return Err(RulesetError::Truncated {
+                have: bytes.len() as u64,
+                want: HEADER_LEN as u64 + len,
+            });
+        }
+        if have > len {
+            return Err(RulesetError::Trailing(have - len));
+        }
+        let body = &bytes[HEADER_LEN..];
+        if Sha256::digest(body).as_slice() != &bytes[20..52] {
+            return Err(RulesetError::HashMismatch);
+        }
+        let rs: Ruleset =
+            postcard::from_bytes(body).map_err(|e| RulesetError::Decode(e.to_string()))?;
+        rs.check_invariants().map_err(RulesetError::Decode)?;
+        Ok(rs)
+    }
+
+    /// A ruleset written by hand or by a buggy writer must not make the
+    /// evaluator index out of bounds.
+    fn check_invariants(&self) -> Result<(), String> {
+        let n = self.sources.len() as u32;
+        for p in &self.policies {
+            let bad = p.source.file >= n && n > 0
+                || p.ingress
+                    .iter()
+                    .chain(p.egress.iter())
+                    .flatten()
+                    .any(|r| r.source.file >= n && n > 0);
+            if bad {
+                return Err(format!("policy {} refers to a missing source file", p.name));
+            }
+        }
+        if !self.policies.is_sorted() {
+            return Err("policies are not in canonical order".into());
+        }
+        Ok(())
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.policies
+            .iter()
+            .map(|p| p.ingress.as_ref().map_or(0, Vec::len) + p.egress.as_ref().map_or(0, Vec::len))
+            .sum()
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
