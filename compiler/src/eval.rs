@@ -15,7 +15,7 @@
 
 use crate::model::*;
 use crate::ruleset::Ruleset;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
 
 /// One side of a connection.
@@ -75,6 +75,13 @@ pub struct Decision {
 pub struct Applicable(Vec<u32>);
 
 impl Applicable {
+    /// Policy indices in ascending (= evaluation) order.
+    pub fn from_vec(mut v: Vec<u32>) -> Self {
+        v.sort_unstable();
+        v.dedup();
+        Applicable(v)
+    }
+
     pub fn policies(&self) -> &[u32] {
         &self.0
     }
@@ -89,7 +96,7 @@ pub struct Evaluator<'r> {
 
 impl<'r> Evaluator<'r> {
     pub fn new(rs: &'r Ruleset) -> Self {
-        let mut anchored: HashMap<String, HashMap<String, Vec<u32>>> = HashMap::new();
+        let mut anchored: HashMap<String, HashMap<String, Vec<u32>>> = HashMap::default();
         let mut unanchored = Vec::new();
         for (i, p) in rs.policies.iter().enumerate() {
             let anchor = p
@@ -121,7 +128,7 @@ impl<'r> Evaluator<'r> {
 
     /// Policies selecting `id`, in ruleset order (= tier, then priority).
     pub fn applicable(&self, id: &Identity) -> Applicable {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(16);
         for (k, v) in id.iter() {
             if let Some(ps) = self.anchored.get(k).and_then(|m| m.get(v)) {
                 out.extend(
@@ -170,20 +177,73 @@ impl<'r> Evaluator<'r> {
         }
     }
 
-    /// Only whether it is allowed, without building explanations.
+    /// Only whether it is allowed: the same walk as `direction`, without
+    /// building explanations (no allocation; the enforcement hot path).
     pub fn allowed_with(
         &self,
         flow: &Flow<'_>,
         src: Option<&Applicable>,
         dst: Option<&Applicable>,
     ) -> bool {
-        src.is_none_or(|a| {
-            self.direction(a, Direction::Egress, &flow.dst, flow)
-                .allowed
-        }) && dst.is_none_or(|a| {
-            self.direction(a, Direction::Ingress, &flow.src, flow)
-                .allowed
-        })
+        src.is_none_or(|a| self.allowed_dir(a, Direction::Egress, &flow.dst, flow))
+            && dst.is_none_or(|a| self.allowed_dir(a, Direction::Ingress, &flow.src, flow))
+    }
+
+    /// Whether a flow is allowed, finding applicable policies through the index.
+    pub fn allowed(&self, flow: &Flow<'_>) -> bool {
+        let src = flow.src.identity.map(|id| self.applicable(id));
+        let dst = flow.dst.identity.map(|id| self.applicable(id));
+        self.allowed_with(flow, src.as_ref(), dst.as_ref())
+    }
+
+    fn allowed_dir(
+        &self,
+        app: &Applicable,
+        dir: Direction,
+        peer: &Endpoint<'_>,
+        flow: &Flow<'_>,
+    ) -> bool {
+        let policies = &self.rs.policies;
+        let mut in_admin = true;
+        let mut isolated = false;
+        for &pi in &app.0 {
+            let p = &policies[pi as usize];
+            match p.tier {
+                Tier::Admin if !in_admin => continue,
+                Tier::Admin => {
+                    for r in p.rules(dir).into_iter().flatten() {
+                        if rule_matches(r, peer, flow) {
+                            match r.action {
+                                Action::Allow => return true,
+                                Action::Deny => return false,
+                                Action::Pass => {
+                                    in_admin = false;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                Tier::Namespace => {
+                    let Some(rules) = p.rules(dir) else { continue };
+                    isolated = true;
+                    if rules.iter().any(|r| rule_matches(r, peer, flow)) {
+                        return true;
+                    }
+                }
+                Tier::Baseline => {
+                    if isolated {
+                        return false;
+                    }
+                    for r in p.rules(dir).into_iter().flatten() {
+                        if r.action != Action::Pass && rule_matches(r, peer, flow) {
+                            return r.action == Action::Allow;
+                        }
+                    }
+                }
+            }
+        }
+        !isolated
     }
 
     fn direction(

@@ -107,8 +107,12 @@ fn expected(pods: &[String], ops: &[String]) -> BTreeMap<(String, String), bool>
         }
     }
     for op in ops {
-        let (pair, verdict) = op.rsplit_once(':').unwrap_or_else(|| panic!("bad expectation {op:?}"));
-        let (from, to) = pair.split_once("->").unwrap_or_else(|| panic!("bad expectation {op:?}"));
+        let (pair, verdict) = op
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("bad expectation {op:?}"));
+        let (from, to) = pair
+            .split_once("->")
+            .unwrap_or_else(|| panic!("bad expectation {op:?}"));
         let allowed = match verdict.trim() {
             "allow" => true,
             "deny" => false,
@@ -129,7 +133,12 @@ fn run_step(dir: &Path, case: &Case, step_no: usize, step: &Step) -> Vec<String>
     std::fs::write(&cluster, cluster_yaml(case, step)).unwrap();
     std::fs::write(&policies, &step.policies).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trireme"));
-    cmd.arg("matrix").arg("-f").arg(&cluster).arg("-f").arg(&policies).args(["-o", "json"]);
+    cmd.arg("matrix")
+        .arg("-f")
+        .arg(&cluster)
+        .arg("-f")
+        .arg(&policies)
+        .args(["-o", "json"]);
     for p in &step.probes {
         cmd.args(["--port", &p.port]);
     }
@@ -151,7 +160,14 @@ fn run_step(dir: &Path, case: &Case, step_no: usize, step: &Step) -> Vec<String>
             .filter(|c| c.port == port && c.protocol == proto)
             .map(|c| ((c.from.clone(), c.to.clone()), c.allowed))
             .collect();
-        assert_eq!(got.len(), want.len(), "{}: {} cells for {}", case.name, got.len(), p.port);
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "{}: {} cells for {}",
+            case.name,
+            got.len(),
+            p.port
+        );
         for ((f, t), w) in &want {
             if f == t {
                 continue; // loopback is not graded upstream either
@@ -191,7 +207,8 @@ fn conformance_cases_match_trireme_matrix() {
     let mut cells = 0;
     for file in case_files() {
         let text = std::fs::read_to_string(&file).unwrap();
-        let parsed: Vec<Case> = serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let parsed: Vec<Case> =
+            serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         for case in &parsed {
             cases += 1;
             for (i, step) in case.steps.iter().enumerate() {
@@ -201,6 +218,11 @@ fn conformance_cases_match_trireme_matrix() {
         }
     }
     assert!(cases >= 60, "only {cases} conformance cases found");
-    assert!(failures.is_empty(), "{} mismatched cells:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatched cells:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     eprintln!("{cases} conformance cases, {cells} cells checked");
 }

@@ -111,7 +111,7 @@ impl V<'_, '_> {
             p
         };
         for (k, v) in sel.match_labels.iter().flatten() {
-            let p = at(path!["matchLabels", k.clone()]);
+            let p = at(path!["matchLabels", k.clone()].to_vec());
             if let Err(m) = check_label_key(k) {
                 self.key_err(&p, m);
             }
@@ -121,7 +121,7 @@ impl V<'_, '_> {
             reqs.push(Requirement::equals(format!("{prefix}{k}"), v.clone()));
         }
         for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
-            let p = at(path!["matchExpressions", i]);
+            let p = at(path!["matchExpressions", i].to_vec());
             let mut pk = p.clone();
             pk.push(Seg::key("key"));
             if let Err(m) = check_label_key(&e.key) {
@@ -499,7 +499,7 @@ pub(super) fn pod(ctx: &ObjCtx<'_>, p: &Pod, diags: &mut Vec<Diagnostic>) -> Opt
                 for (pi, cp) in c.ports.iter().flatten().enumerate() {
                     let base = path!["spec", group, ci, "ports", pi];
                     let at = |k: &'static str| {
-                        let mut p = base.clone();
+                        let mut p = base.to_vec();
                         p.push(Seg::key(k));
                         p
                     };

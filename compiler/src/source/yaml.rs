@@ -172,16 +172,11 @@ enum Frame {
     },
 }
 
-fn line_start(text: &str, byte: usize) -> usize {
-    text[..byte.min(text.len())]
-        .rfind('\n')
-        .map_or(0, |i| i + 1)
-}
-
-fn char_to_byte(text: &str, chars: usize) -> usize {
-    text.char_indices()
-        .nth(chars)
-        .map_or(text.len(), |(b, _)| b)
+/// Byte offset of the start of every line (index 0 = line 1).
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
 }
 
 /// First pass: split into documents and index every node's position.
@@ -202,6 +197,7 @@ pub fn index(file: &Arc<str>, text: &str) -> Result<Vec<Document>, Diagnostic> {
         )
     };
     let mut starts: Vec<(usize, u32, DocTree)> = Vec::new();
+    let lines = line_starts(text);
     while let Some(ev) = parser.next_event() {
         let (ev, span) = match ev {
             Ok(x) => x,
@@ -218,11 +214,10 @@ pub fn index(file: &Arc<str>, text: &str) -> Result<Vec<Document>, Diagnostic> {
         let col = span.start.col() as u32 + 1;
         match ev {
             Event::DocumentStart(..) => {
-                let byte = span
-                    .start
-                    .byte_offset()
-                    .unwrap_or_else(|| char_to_byte(text, span.start.index()));
-                let ls = line_start(text, byte);
+                let ls = lines
+                    .get(line.saturating_sub(1) as usize)
+                    .copied()
+                    .unwrap_or(text.len());
                 doc_start = Some((ls, line));
                 nodes.clear();
                 stack.clear();
@@ -332,28 +327,18 @@ pub fn index(file: &Arc<str>, text: &str) -> Result<Vec<Document>, Diagnostic> {
     // Each document's text runs from its first line to the next document's.
     for i in 0..starts.len() {
         let end = starts.get(i + 1).map_or(text.len(), |s| s.0);
-        let (start, first_line, _) = &starts[i];
-        let (start, first_line) = (*start, *first_line);
+        let (start, first_line) = (starts[i].0, starts[i].1);
         let tree = std::mem::replace(&mut starts[i].2, DocTree { nodes: Vec::new() });
         if tree.nodes.is_empty() {
             continue;
         }
         docs.push(Document {
             text_range: start..end.max(start),
-            first_line: line_of(text, start),
+            first_line,
             tree,
         });
-        let _ = first_line;
     }
     Ok(docs)
-}
-
-fn line_of(text: &str, byte: usize) -> u32 {
-    text.as_bytes()[..byte]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count() as u32
-        + 1
 }
 
 /// serde-saphyr options: duplicate keys are errors (a silently dropped
@@ -419,5 +404,5 @@ impl From<String> for Seg {
 /// Builds a field path: `path!["spec", "ingress", i]`.
 #[macro_export]
 macro_rules! path {
-    ($($s:expr),* $(,)?) => { vec![$($crate::source::yaml::Seg::from($s)),*] };
+    ($($s:expr),* $(,)?) => { [$($crate::source::yaml::Seg::from($s)),*] };
 }
