@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job on the built-in examples: compile, inspect, check, matrix.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release --quiet -p trireme-compiler
+T=target/release/trireme
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+set -x
+$T compile -f testdata/apobeer -o "$out/apobeer.out"
+$T inspect "$out/apobeer.out"
+$T check --ruleset "$out/apobeer.out" -f testdata/apobeer/cluster.yaml --from beer/frontend --to beer/backend --port 80/TCP
+$T check --ruleset "$out/apobeer.out" -f testdata/apobeer/cluster.yaml --from beer/external --to beer/backend --port 80/TCP || echo "(exit $?: denied, as the policy intends)"
+$T matrix -f testdata/three-tier --port 80/TCP --port 8080/TCP

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs what the build and tests need on a fresh machine. Idempotent.
+set -euo pipefail
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install Rust (rustup) first" >&2
+  exit 1
+fi
+for comp in rustfmt clippy; do
+  if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$comp"
+  fi
+done

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every test: formatting, lints, unit/integration/conformance tests, the demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+# The benchmark binary must keep building (it is run by hand: see README).
+cargo bench -p trireme-compiler --bench perf --no-run --quiet
+bash scripts/demo.sh >/dev/null
+echo "demo: ok"
+echo "tests: $passed passed, $failed failed"
