@@ -2,7 +2,7 @@
 //! source location.
 
 use crate::eval::{Decision, DirectionVerdict, Reason};
-use crate::model::{Direction, Policy};
+use crate::model::Policy;
 use crate::ruleset::Ruleset;
 
 fn loc(rs: &Ruleset, file: u32, line: u32, col: u32) -> String {
@@ -68,7 +68,6 @@ pub fn direction(rs: &Ruleset, v: &DirectionVerdict, who: &str) -> String {
 
 /// The whole explanation, one line per direction (egress first).
 pub fn decision(rs: &Ruleset, d: &Decision, from: &str, to: &str) -> Vec<String> {
-    let _ = Direction::Egress;
     vec![
         format!("egress  (at {from}): {}", direction(rs, &d.egress, from)),
         format!("ingress (at {to}): {}", direction(rs, &d.ingress, to)),

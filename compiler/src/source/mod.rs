@@ -329,7 +329,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, Diagnostics> {
         namespaces.into_iter().map(|(n, _)| n).collect(),
         pods.into_iter().map(|(p, _)| p).collect(),
     );
-    loaded.policies.sort();
+    // Canonical order is established once, by `Ruleset::new`.
     Ok(loaded)
 }
 
