@@ -15,7 +15,7 @@
 
 use crate::model::*;
 use crate::ruleset::Ruleset;
-use rustc_hash::FxHashMap as HashMap;
+use crate::subjects::SubjectIndex;
 use std::net::IpAddr;
 
 /// One side of a connection.
@@ -89,36 +89,14 @@ impl Applicable {
 
 pub struct Evaluator<'r> {
     rs: &'r Ruleset,
-    /// key → value → policies whose subject requires key=value (one anchor each).
-    anchored: HashMap<String, HashMap<String, Vec<u32>>>,
-    unanchored: Vec<u32>,
+    subjects: SubjectIndex,
 }
 
 impl<'r> Evaluator<'r> {
     pub fn new(rs: &'r Ruleset) -> Self {
-        let mut anchored: HashMap<String, HashMap<String, Vec<u32>>> = HashMap::default();
-        let mut unanchored = Vec::new();
-        for (i, p) in rs.policies.iter().enumerate() {
-            let anchor = p
-                .subject
-                .requirements
-                .iter()
-                .filter(|r| r.op == Operator::In)
-                .min_by_key(|r| (r.key != NAMESPACE_KEY, r.values.len()));
-            match anchor {
-                Some(r) => {
-                    let by_value = anchored.entry(r.key.clone()).or_default();
-                    for v in &r.values {
-                        by_value.entry(v.clone()).or_default().push(i as u32);
-                    }
-                }
-                None => unanchored.push(i as u32),
-            }
-        }
         Evaluator {
             rs,
-            anchored,
-            unanchored,
+            subjects: SubjectIndex::new(&rs.policies),
         }
     }
 
@@ -128,24 +106,7 @@ impl<'r> Evaluator<'r> {
 
     /// Policies selecting `id`, in ruleset order (= tier, then priority).
     pub fn applicable(&self, id: &Identity) -> Applicable {
-        let mut out = Vec::with_capacity(16);
-        for (k, v) in id.iter() {
-            if let Some(ps) = self.anchored.get(k).and_then(|m| m.get(v)) {
-                out.extend(
-                    ps.iter()
-                        .copied()
-                        .filter(|&p| self.rs.policies[p as usize].subject.matches(id)),
-                );
-            }
-        }
-        out.extend(
-            self.unanchored
-                .iter()
-                .copied()
-                .filter(|&p| self.rs.policies[p as usize].subject.matches(id)),
-        );
-        out.sort_unstable();
-        Applicable(out)
+        Applicable(self.subjects.lookup(id))
     }
 
     pub fn evaluate(&self, flow: &Flow<'_>) -> Decision {

@@ -14,3 +14,4 @@ pub mod model;
 pub mod names;
 pub mod ruleset;
 pub mod source;
+pub mod subjects;
