@@ -66,6 +66,59 @@ enum Cmd {
     },
     /// Print a compiled ruleset in readable form.
     Inspect { ruleset: PathBuf },
+    /// Cluster CA and node credentials for PKI mode.
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Manage the cluster CA.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+    /// Issue a node's certificate, key (unless --csr) and key token.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = "pki")]
+        ca: PathBuf,
+        /// Node id (certificate CN; the `iss` of the node's tokens).
+        #[arg(long)]
+        node: String,
+        /// Sign this PEM certificate signing request instead of generating a key.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        /// Output directory (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Describe a certificate, private key or key token file.
+    Inspect { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a CA: ca.pem and ca.key (mode 0600) in --dir.
+    Init {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Trust domain: the audience every token must name.
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Overwrite an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -230,6 +283,42 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
             };
             res.and_then(|_| out.flush())
                 .map_err(|e| fail(format!("error: writing output: {e}")))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pki { cmd } => {
+            use trireme_tokens::pki;
+            let err = |e: trireme_tokens::KeyError| fail(format!("error: {e}"));
+            match cmd {
+                PkiCmd::Ca {
+                    cmd:
+                        CaCmd::Init {
+                            dir,
+                            trust_domain,
+                            days,
+                            force,
+                        },
+                } => {
+                    for f in pki::ca_init(&dir, &trust_domain, days, force).map_err(err)? {
+                        println!("wrote {}", f.display());
+                    }
+                }
+                PkiCmd::Issue {
+                    ca,
+                    node,
+                    csr,
+                    out,
+                    days,
+                    force,
+                } => {
+                    let out = out.unwrap_or_else(|| ca.clone());
+                    let issued =
+                        pki::issue(&ca, &node, csr.as_deref(), &out, days, force).map_err(err)?;
+                    for f in issued.files {
+                        println!("wrote {}", f.display());
+                    }
+                }
+                PkiCmd::Inspect { file } => print!("{}", pki::inspect(&file).map_err(err)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Inspect { ruleset } => {

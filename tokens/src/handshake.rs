@@ -222,6 +222,14 @@ impl Engine {
         &self.cfg
     }
 
+    /// The trust anchor, in PKI mode.
+    pub fn ca(&self) -> Option<&Ca> {
+        match &self.creds {
+            Credentials::Pki(p) => Some(&p.ca),
+            Credentials::Psk(_) => None,
+        }
+    }
+
     /// Sign a PU's identity (only the label keys the ruleset reads).
     pub fn local_token(
         &self,
@@ -495,6 +503,12 @@ impl Engine {
         }
         st.completed = true;
         Ok(())
+    }
+
+    /// Forget verified tokens only (benchmarks measure cold verification
+    /// with this; pairwise keys stay).
+    pub fn forget_verified(&self) {
+        *lock(&self.verified) = Bounded::new(self.cfg.cache_entries);
     }
 
     /// Forget cached verifications (e.g. after a CA or key rotation).

@@ -7,6 +7,8 @@
 pub mod cache;
 pub mod claims;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod keys;
 pub mod pki;

@@ -161,6 +161,15 @@ pub fn issue(
     let key_path = out.join(format!("{node}.key"));
     let kt_path = out.join(format!("{node}.keytoken"));
     let mut files = Vec::new();
+    // Check every target first: never leave a half-issued set behind.
+    for p in [&cert_path, &key_path, &kt_path] {
+        if p.exists() && !force && (csr.is_none() || p != &key_path) {
+            return Err(invalid(format!(
+                "{} exists; pass --force to overwrite it",
+                p.display()
+            )));
+        }
+    }
     let (cert, public) = match csr {
         Some(csr_path) => {
             let text = std::fs::read_to_string(csr_path).map_err(io(csr_path))?;
