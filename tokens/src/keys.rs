@@ -282,6 +282,45 @@ impl Ca {
     pub fn public_key(&self) -> &[u8] {
         &self.public
     }
+
+    /// Pre-distributed node certificates: every `*.pem` in `dir`, each
+    /// verified against this CA. Certificates that fail are reported beside
+    /// the good ones (one bad file must not take the node's trust down).
+    #[allow(clippy::type_complexity)]
+    pub fn load_cert_dir(
+        &self,
+        dir: &std::path::Path,
+        now: u64,
+        skew: u64,
+    ) -> Result<(Vec<VerifiedKey>, Vec<(std::path::PathBuf, TokenError)>), KeyError> {
+        let io = |source| KeyError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        let mut paths: Vec<_> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+            .collect();
+        paths.sort();
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for p in paths {
+            let bytes = std::fs::read(&p).map_err(io)?;
+            // The CA's own certificate often sits beside the node certificates.
+            if parse_pem_cert(&bytes)
+                .ok()
+                .and_then(|der| parse_x509_certificate(&der).ok().map(|(_, c)| c.is_ca()))
+                == Some(true)
+            {
+                continue;
+            }
+            match self.verify_node_cert(&bytes, now, skew) {
+                Ok(k) => good.push(k),
+                Err(e) => bad.push((p, e)),
+            }
+        }
+        Ok((good, bad))
+    }
 }
 
 /// Sign a key token for `node` with the CA's private key (PKCS#8 PEM).

@@ -588,3 +588,25 @@ fn pki_files_and_modes() {
     assert_eq!(vk.public, key.public_key_raw());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn certificate_directory() {
+    let (d, other) = (tmpdir("certdir"), tmpdir("certdir-other"));
+    pki(&d, "td.example", &["node-a", "node-b"]);
+    pki(&other, "td.example", &["intruder"]);
+    std::fs::copy(other.join("intruder.pem"), d.join("intruder.pem")).unwrap();
+    let ca = Ca::from_pem(read(&d, "ca.pem").as_bytes(), "td.example").unwrap();
+    let (good, bad) = ca.load_cert_dir(&d, now(), 0).unwrap();
+    let names: Vec<_> = good.iter().map(|k| k.node.as_str()).collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+    assert_eq!(bad.len(), 1);
+    assert!(bad[0].0.ends_with("intruder.pem"));
+    assert!(matches!(bad[0].1, TokenError::Untrusted(_)));
+    // An expired certificate is refused.
+    let e = ca
+        .verify_node_cert(read(&d, "node-a.pem").as_bytes(), now() + 40 * 86400, 0)
+        .unwrap_err();
+    assert_eq!(e, TokenError::Expired);
+    let _ = std::fs::remove_dir_all(&d);
+    let _ = std::fs::remove_dir_all(&other);
+}
