@@ -1,0 +1,323 @@
+//! Carrying a token inside a TCP handshake packet, and taking it out again.
+//!
+//! The token travels as the first bytes of the TCP payload, announced by
+//! a marker option at the *end* of the TCP options: kind 253 (RFC 4727
+//! experimental) with an RFC 6994 experiment id of our own and the token
+//! length, then two NOPs to keep the options 32-bit aligned:
+//!
+//! ```text
+//! [original options][253, 6, 0x54, 0x52, len_hi, len_lo][1, 1][token][original payload]
+//! ```
+//!
+//! Because the marker sits at the end and carries the token length,
+//! stripping restores the original bytes exactly: options, payload, IP
+//! lengths and checksums. The packet is edited as raw bytes; etherparse
+//! validates the headers and finds the offsets, so fields we do not touch
+//! (IPv4 options, IPv6 extension headers, TCP reserved bits) pass through
+//! unchanged.
+
+use etherparse::checksum::Sum16BitWords;
+use etherparse::{IpHeaders, IpNumber, TcpHeader};
+
+/// TCP option kind for experiments (RFC 4727), shared using RFC 6994 ids.
+pub const OPTION_KIND: u8 = 253;
+/// Our RFC 6994 experiment id: "TR". Not IANA-registered; chosen so that
+/// it does not collide with registered ids (TCP Fast Open's 0xF989 among them).
+pub const EXPERIMENT_ID: u16 = 0x5452;
+/// Marker option (6 bytes) plus two NOPs of padding.
+pub const MARKER_LEN: usize = 8;
+/// TCP header limit: 60 bytes, 40 of them options.
+const MAX_TCP_HEADER: usize = 60;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("not a valid IPv4/IPv6 packet: {0}")]
+    Ip(String),
+    #[error("not TCP")]
+    NotTcp,
+    #[error("fragmented packet")]
+    Fragmented,
+    #[error("invalid TCP header: {0}")]
+    Tcp(String),
+    #[error("no room for the marker option ({0} bytes of options already)")]
+    NoRoom(usize),
+    #[error("token of {0} bytes is too large")]
+    TokenTooLarge(usize),
+    #[error("marker announces {announced} token bytes, payload has {available}")]
+    BadMarker { announced: usize, available: usize },
+}
+
+impl PacketError {
+    /// Metric label for packets dropped for this reason.
+    pub fn counter(&self) -> &'static str {
+        match self {
+            PacketError::Ip(_) => "packet_ip_invalid",
+            PacketError::NotTcp => "packet_not_tcp",
+            PacketError::Fragmented => "packet_fragmented",
+            PacketError::Tcp(_) => "packet_tcp_invalid",
+            PacketError::NoRoom(_) => "packet_no_option_room",
+            PacketError::TokenTooLarge(_) => "packet_token_too_large",
+            PacketError::BadMarker { .. } => "packet_bad_marker",
+        }
+    }
+}
+
+/// Where things are in a packet.
+struct Layout {
+    v4: bool,
+    ip_header_len: usize,
+    tcp_header_len: usize,
+    /// IP payload end (trailing link-layer padding excluded).
+    end: usize,
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+fn layout(pkt: &[u8]) -> Result<Layout, PacketError> {
+    let (ip, payload) = IpHeaders::from_slice(pkt).map_err(|e| PacketError::Ip(e.to_string()))?;
+    if payload.ip_number != IpNumber::TCP {
+        return Err(PacketError::NotTcp);
+    }
+    if payload.fragmented {
+        return Err(PacketError::Fragmented);
+    }
+    let ip_header_len = ip.header_len();
+    let end = ip_header_len + payload.payload.len();
+    let (tcp, _) =
+        TcpHeader::from_slice(payload.payload).map_err(|e| PacketError::Tcp(e.to_string()))?;
+    let (v4, src, dst) = match &ip {
+        IpHeaders::Ipv4(h, _) => (true, h.source.to_vec(), h.destination.to_vec()),
+        IpHeaders::Ipv6(h, _) => (false, h.source.to_vec(), h.destination.to_vec()),
+    };
+    Ok(Layout {
+        v4,
+        ip_header_len,
+        tcp_header_len: tcp.header_len(),
+        end,
+        src,
+        dst,
+    })
+}
+
+/// Rewrite lengths and checksums after the TCP segment changed size.
+fn fix(out: &mut [u8], l: &Layout) {
+    let ip_len = out.len();
+    let seg_len = ip_len - l.ip_header_len;
+    if l.v4 {
+        out[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+        out[10..12].copy_from_slice(&[0, 0]);
+        let ihl = ((out[0] & 0x0f) as usize) * 4;
+        let sum = Sum16BitWords::new()
+            .add_slice(&out[..ihl])
+            .ones_complement();
+        // etherparse sums native-endian words: native bytes are wire order.
+        out[10..12].copy_from_slice(&sum.to_ne_bytes());
+    } else {
+        // Payload length counts extension headers too.
+        out[4..6].copy_from_slice(&((ip_len - 40) as u16).to_be_bytes());
+    }
+    let t = l.ip_header_len;
+    out[t + 16..t + 18].copy_from_slice(&[0, 0]);
+    let mut sum = Sum16BitWords::new()
+        .add_slice(&l.src)
+        .add_slice(&l.dst)
+        .add_2bytes([0, 6]);
+    sum = if l.v4 {
+        sum.add_2bytes((seg_len as u16).to_be_bytes())
+    } else {
+        sum.add_4bytes((seg_len as u32).to_be_bytes())
+    };
+    let c = sum.add_slice(&out[t..]).ones_complement();
+    // A computed checksum of 0 is sent as all ones (RFC 768 style; TCP
+    // receivers accept either, and etherparse does the same).
+    let c = if c == 0 { 0xffff } else { c };
+    out[t + 16..t + 18].copy_from_slice(&c.to_ne_bytes());
+}
+
+/// Append the marker option and put `token` before the payload.
+pub fn attach(pkt: &[u8], token: &[u8]) -> Result<Vec<u8>, PacketError> {
+    let l = layout(pkt)?;
+    if token.len() > u16::MAX as usize || l.end + token.len() + MARKER_LEN > u16::MAX as usize {
+        return Err(PacketError::TokenTooLarge(token.len()));
+    }
+    if l.tcp_header_len + MARKER_LEN > MAX_TCP_HEADER {
+        return Err(PacketError::NoRoom(l.tcp_header_len - 20));
+    }
+    let t = l.ip_header_len;
+    let th = t + l.tcp_header_len;
+    let mut out = Vec::with_capacity(l.end + MARKER_LEN + token.len());
+    out.extend_from_slice(&pkt[..th]);
+    let len = (token.len() as u16).to_be_bytes();
+    let id = EXPERIMENT_ID.to_be_bytes();
+    out.extend_from_slice(&[OPTION_KIND, 6, id[0], id[1], len[0], len[1], 1, 1]);
+    out.extend_from_slice(token);
+    out.extend_from_slice(&pkt[th..l.end]);
+    let offset = ((l.tcp_header_len + MARKER_LEN) / 4) as u8;
+    out[t + 12] = (offset << 4) | (out[t + 12] & 0x0f);
+    fix(&mut out, &l);
+    Ok(out)
+}
+
+/// A received packet taken apart: the token and the packet as it was
+/// before the sender attached it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stripped {
+    pub token: Vec<u8>,
+    pub packet: Vec<u8>,
+}
+
+/// If the packet carries our marker, the token and the packet without it.
+/// `Ok(None)`: no marker (a peer that does not enforce).
+pub fn strip(pkt: &[u8]) -> Result<Option<Stripped>, PacketError> {
+    let l = layout(pkt)?;
+    let t = l.ip_header_len;
+    let th = t + l.tcp_header_len;
+    if l.tcp_header_len < 20 + MARKER_LEN {
+        return Ok(None);
+    }
+    let m = &pkt[th - MARKER_LEN..th];
+    let id = EXPERIMENT_ID.to_be_bytes();
+    if m[..4] != [OPTION_KIND, 6, id[0], id[1]] || m[6..] != [1, 1] {
+        return Ok(None);
+    }
+    let n = u16::from_be_bytes([m[4], m[5]]) as usize;
+    let available = l.end - th;
+    if n > available {
+        return Err(PacketError::BadMarker {
+            announced: n,
+            available,
+        });
+    }
+    let token = pkt[th..th + n].to_vec();
+    let mut out = Vec::with_capacity(l.end - MARKER_LEN - n);
+    out.extend_from_slice(&pkt[..th - MARKER_LEN]);
+    out.extend_from_slice(&pkt[th + n..l.end]);
+    let offset = ((l.tcp_header_len - MARKER_LEN) / 4) as u8;
+    out[t + 12] = (offset << 4) | (out[t + 12] & 0x0f);
+    fix(&mut out, &l);
+    Ok(Some(Stripped { token, packet: out }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+    use proptest::prelude::*;
+
+    fn checksums_valid(pkt: &[u8]) -> bool {
+        let (ip, payload) = IpHeaders::from_slice(pkt).unwrap();
+        let (tcp, data) = TcpHeader::from_slice(payload.payload).unwrap();
+        match &ip {
+            IpHeaders::Ipv4(h, _) => {
+                h.header_checksum == h.calc_header_checksum()
+                    && tcp.checksum == tcp.calc_checksum_ipv4(h, data).unwrap()
+            }
+            IpHeaders::Ipv6(h, _) => tcp.checksum == tcp.calc_checksum_ipv6(h, data).unwrap(),
+        }
+    }
+
+    fn packet(v6: bool, opts: &[u8], payload: &[u8], syn: bool) -> Vec<u8> {
+        let b = if v6 {
+            PacketBuilder::ipv6(
+                [0xfd; 16],
+                [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                64,
+            )
+        } else {
+            PacketBuilder::ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64)
+        };
+        let mut b = b.tcp(40000, 80, 12345, 64240);
+        if syn {
+            b = b.syn();
+        }
+        let b = b.options_raw(opts).unwrap();
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    /// A Linux SYN's options: MSS, SACK permitted, timestamps, NOP, window scale.
+    const LINUX_SYN: [u8; 20] = [
+        2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+    ];
+
+    #[test]
+    fn round_trip_linux_syn_v4_and_v6() {
+        for v6 in [false, true] {
+            let p = packet(v6, &LINUX_SYN, &[], true);
+            let token = b"\x01\x01\x00\x00a token";
+            let with = attach(&p, token).unwrap();
+            assert!(checksums_valid(&with));
+            assert_eq!(with.len(), p.len() + MARKER_LEN + token.len());
+            let s = strip(&with).unwrap().unwrap();
+            assert_eq!(s.token, token);
+            assert_eq!(s.packet, p);
+            assert_eq!(strip(&p).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn refusals() {
+        let full = packet(false, &[1; 36], &[], true);
+        assert_eq!(attach(&full, b"x"), Err(PacketError::NoRoom(36)));
+        assert!(matches!(strip(&[0x45, 0, 0]), Err(PacketError::Ip(_))));
+        let mut udp = Vec::new();
+        PacketBuilder::ipv4([198, 18, 0, 1], [198, 18, 0, 2], 64)
+            .udp(1, 2)
+            .write(&mut udp, b"x")
+            .unwrap();
+        assert_eq!(strip(&udp), Err(PacketError::NotTcp));
+        // A marker announcing more token bytes than there are.
+        let p = packet(false, &LINUX_SYN, &[], true);
+        let mut with = attach(&p, b"12345").unwrap();
+        let mlen = 20 + 20 + LINUX_SYN.len();
+        with[mlen + 4..mlen + 6].copy_from_slice(&[0, 200]);
+        assert!(matches!(strip(&with), Err(PacketError::BadMarker { .. })));
+        let counters: std::collections::BTreeSet<_> = [
+            PacketError::Ip(String::new()),
+            PacketError::NotTcp,
+            PacketError::Fragmented,
+            PacketError::Tcp(String::new()),
+            PacketError::NoRoom(0),
+            PacketError::TokenTooLarge(0),
+            PacketError::BadMarker {
+                announced: 0,
+                available: 0,
+            },
+        ]
+        .iter()
+        .map(|e| e.counter())
+        .collect();
+        assert_eq!(counters.len(), 7);
+    }
+
+    proptest! {
+        /// strip(attach(p)) == p for valid packets of both families, any
+        /// options that leave room, any payload and any token.
+        #[test]
+        fn strip_undoes_attach(
+            v6 in any::<bool>(),
+            opt_words in 0usize..=8,
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            token in proptest::collection::vec(any::<u8>(), 0..700),
+            syn in any::<bool>(),
+        ) {
+            // Options of 4 * opt_words bytes: a prefix of a Linux SYN's, NOP-padded.
+            let mut opts: Vec<u8> = LINUX_SYN.iter().copied().take(opt_words * 4).collect();
+            opts.resize(opt_words * 4, 1);
+            let p = packet(v6, &opts, &payload, syn);
+            let with = attach(&p, &token).unwrap();
+            prop_assert!(checksums_valid(&with));
+            let s = strip(&with).unwrap().unwrap();
+            prop_assert_eq!(s.token, token);
+            prop_assert_eq!(s.packet, p);
+        }
+
+        /// Arbitrary bytes never panic either function.
+        #[test]
+        fn arbitrary_bytes_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = strip(&bytes);
+            let _ = attach(&bytes, b"tok");
+        }
+    }
+}
