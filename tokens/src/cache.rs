@@ -21,7 +21,11 @@ impl<K: Hash + Eq + Clone, V> Bounded<K, V> {
         }
     }
 
-    pub fn get(&self, k: &K) -> Option<&V> {
+    pub fn get<Q>(&self, k: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.map.get(k)
     }
 

@@ -12,7 +12,7 @@ use crate::claims::{
     IdentityClaims, check_times, decode_labels, encode_labels, header_alg, unverified_claims,
 };
 use crate::error::{KeyError, TokenError};
-use crate::keys::{Ca, NodeKey, Psk, VerifiedKey, derive, jwt_error, key_token_subject};
+use crate::keys::{Ca, NodeKey, Psk, VerifiedKey, derive, jwt_error};
 use crate::wire::{self, FLAG_KEY_TOKEN, FLAG_SYN_MAC, Kind, MAC, NONCE};
 use aws_lc_rs::{agreement, digest, hmac, rand};
 use jsonwebtoken::{Algorithm, Header, Validation};
@@ -126,15 +126,16 @@ pub struct AwaitAck {
     completed: bool,
 }
 
-type PairId = (String, [u8; 32]);
+/// A pairwise MAC key and the peer public key it was derived from.
+type PairKey = (Vec<u8>, Arc<hmac::Key>);
 
 pub struct Engine {
     cfg: Config,
     creds: Credentials,
     verified: Mutex<Bounded<[u8; 32], Arc<Peer>>>,
     keys: Mutex<Bounded<String, VerifiedKey>>,
-    /// (peer node, digest of its public key) → pairwise MAC key.
-    pairs: Mutex<Bounded<PairId, Arc<hmac::Key>>>,
+    /// Peer node → (the public key it was derived from, pairwise MAC key).
+    pairs: Mutex<Bounded<String, PairKey>>,
     replay: Mutex<ReplayGuard>,
     psk_mac: Option<Arc<hmac::Key>>,
 }
@@ -291,15 +292,21 @@ impl Engine {
             return Err(TokenError::UnknownIssuer(peer_node.into()));
         };
         let key = &pki.key;
-        let peer_key = lock(&self.keys)
-            .get(&peer_node.to_string())
+        // Hot path (every SYN and SYN-ACK): no allocation and no hashing
+        // beyond the map lookups; a rotated peer key forces a new derivation.
+        let keys = lock(&self.keys);
+        let peer_key = keys
+            .get(peer_node)
             .filter(|k| k.not_after + self.cfg.skew >= now)
-            .map(|k| k.public.clone())
+            .map(|k| &k.public)
             .ok_or_else(|| TokenError::UnknownIssuer(peer_node.into()))?;
-        let id = (peer_node.to_string(), sha256(&peer_key));
-        if let Some(k) = lock(&self.pairs).get(&id) {
+        if let Some((public, k)) = lock(&self.pairs).get(peer_node)
+            && public == peer_key
+        {
             return Ok(k.clone());
         }
+        let peer_key = peer_key.clone();
+        drop(keys);
         // Both ends must derive the same key: order the names.
         let (a, b) = if key.node.as_str() <= peer_node {
             (key.node.as_str(), peer_node)
@@ -314,7 +321,7 @@ impl Engine {
             |shared| Ok(derive(shared, b"trireme ecdh v1", info.as_bytes())),
         )?;
         let k = Arc::new(hmac::Key::new(hmac::HMAC_SHA256, &secret));
-        lock(&self.pairs).insert(id, k.clone());
+        lock(&self.pairs).insert(peer_node.to_string(), (peer_key, k.clone()));
         Ok(k)
     }
 
@@ -351,14 +358,9 @@ impl Engine {
                 if let Some(kt) = key_token {
                     // Skip the CA signature check when this key is known.
                     let known = lock(&self.keys)
-                        .get(&iss)
+                        .get(iss.as_str())
                         .is_some_and(|k| k.not_after + self.cfg.skew >= now);
                     if !known {
-                        if key_token_subject(kt)? != iss {
-                            return Err(TokenError::Untrusted(
-                                "key token names another node".into(),
-                            ));
-                        }
                         let vk = ca.verify_key_token(kt, now, self.cfg.skew)?;
                         if vk.node != iss {
                             return Err(TokenError::Untrusted(

@@ -4,7 +4,7 @@
 //! There is no default key anywhere: every constructor takes the secret from
 //! its caller, and a PSK shorter than 32 bytes is refused.
 
-use crate::claims::{KeyClaims, b64, check_times, header_alg, unb64, unverified_claims};
+use crate::claims::{KeyClaims, b64, check_times, header_alg, unb64};
 use crate::error::{KeyError, TokenError};
 use aws_lc_rs::{agreement, hkdf, hmac, signature};
 use base64::Engine as _;
@@ -347,11 +347,6 @@ pub fn sign_key_token(
         ..jsonwebtoken::Header::new(Algorithm::ES256)
     };
     jsonwebtoken::encode(&header, &claims, &enc).map_err(|e| KeyError::Invalid(e.to_string()))
-}
-
-/// Peek at the subject of a key token without trusting it.
-pub fn key_token_subject(jwt: &str) -> Result<String, TokenError> {
-    Ok(unverified_claims::<KeyClaims>(jwt)?.sub)
 }
 
 pub(crate) fn jwt_error(e: jsonwebtoken::errors::Error) -> TokenError {

@@ -206,9 +206,13 @@ pub fn issue(
             (cert, key.public_key_raw().to_vec())
         }
     };
+    let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    // Check the certificate as a verifier will, before anything refers to it.
+    let ca = Ca::from_pem(ca_pem.as_bytes(), &td)?;
+    ca.verify_node_cert(cert.pem().as_bytes(), now, 0)
+        .map_err(invalid)?;
     write_file(&cert_path, cert.pem().as_bytes(), false, force)?;
     files.push(cert_path);
-    let now = OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
     let kt = sign_key_token(
         &ca_key_pem,
         node,
@@ -219,10 +223,6 @@ pub fn issue(
     )?;
     write_file(&kt_path, kt.as_bytes(), false, force)?;
     files.push(kt_path);
-    // Check what we wrote, as a verifier will.
-    let ca = Ca::from_pem(ca_pem.as_bytes(), &td)?;
-    let pem = std::fs::read(&files[files.len() - 2]).map_err(io(out))?;
-    ca.verify_node_cert(&pem, now, 0).map_err(invalid)?;
     Ok(Issued { files })
 }
 
