@@ -89,14 +89,24 @@ impl Applicable {
 
 pub struct Evaluator<'r> {
     rs: &'r Ruleset,
-    subjects: SubjectIndex,
+    subjects: std::borrow::Cow<'r, SubjectIndex>,
 }
 
 impl<'r> Evaluator<'r> {
     pub fn new(rs: &'r Ruleset) -> Self {
         Evaluator {
             rs,
-            subjects: SubjectIndex::new(&rs.policies),
+            subjects: std::borrow::Cow::Owned(SubjectIndex::new(&rs.policies)),
+        }
+    }
+
+    /// With an index built beforehand for this ruleset: a long-lived holder
+    /// (the node runtime, which swaps rulesets on update) keeps both and
+    /// makes an evaluator per decision for free.
+    pub fn with_index(rs: &'r Ruleset, subjects: &'r SubjectIndex) -> Self {
+        Evaluator {
+            rs,
+            subjects: std::borrow::Cow::Borrowed(subjects),
         }
     }
 

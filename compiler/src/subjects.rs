@@ -32,7 +32,7 @@ struct Candidate {
     reqs: (u32, u32),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct SubjectIndex {
     symbols: HashMap<Box<str>, u32>,
     buckets: HashMap<(u32, u32), (u32, u32)>,

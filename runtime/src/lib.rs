@@ -1,5 +1,12 @@
-//! Trireme node runtime. Implemented so far: carrying tokens in TCP
-//! handshake packets (`packet`). The NFQUEUE enforcer, nftables and PU
-//! sources are still to come (see the README).
+//! `trireme-runtime`: the node enforcer. Data flows one way: config →
+//! (keys, PUs, ruleset) → enforcer (handshake state machine, pure) →
+//! queue workers and firewall rules (the kernel side).
 
+pub mod config;
+pub mod counters;
+pub mod enforcer;
+pub mod firewall;
+pub mod flows;
+pub mod node;
 pub mod packet;
+pub mod queue;

@@ -1,38 +1,184 @@
-//! `trireme-runtime`: the node enforcer. This issue ships only its first
-//! step, loading and validating a compiled ruleset with the compiler's own
-//! loader (one implementation of the format); the NFQUEUE enforcer, PU
-//! sources and nftables programming come with the enforcer issue.
+//! `trireme-runtime`: enforce a compiled ruleset on this node's workloads.
 
+use clap::{Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use trireme_compiler::ruleset::Ruleset;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use trireme_runtime::config::Config;
+use trireme_runtime::{enforcer::Enforcer, firewall, node};
+
+#[derive(Parser)]
+#[command(name = "trireme-runtime", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Enforce: program every PU namespace and run the identity handshake.
+    /// SIGHUP reloads the ruleset; SIGTERM/SIGINT stop the process and leave
+    /// the rules in place (fail-closed: new connections are refused until
+    /// the runtime is back).
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Check a config (keys, ruleset, PUs) without touching the kernel.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Remove everything this runtime added to the config's PU namespaces.
+    Cleanup {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Load and validate a compiled ruleset.
+    Ruleset { path: PathBuf },
+}
+
+fn log(msg: impl std::fmt::Display) {
+    eprintln!("trireme-runtime: {msg}");
+}
+
+fn write_stats(path: &Option<PathBuf>, e: &Enforcer) {
+    let Some(path) = path else { return };
+    let (flows, evicted, expired) = e.flow_stats();
+    let mut m: serde_json::Map<String, serde_json::Value> = e
+        .counters
+        .snapshot()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    m.insert("flows_in_handshake".into(), flows.into());
+    m.insert("flows_evicted".into(), evicted.into());
+    m.insert("flows_expired".into(), expired.into());
+    m.insert("ruleset".into(), e.policy().hash.clone().into());
+    let tmp = path.with_extension("tmp");
+    let body = serde_json::Value::Object(m).to_string();
+    if std::fs::write(&tmp, body).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+fn run(config: PathBuf) -> Result<(), String> {
+    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    if cfg.fail_open {
+        log(
+            "WARNING: failOpen is set: when this runtime is not running, packets bypass enforcement",
+        );
+    }
+    // Block the signals we handle before any thread starts, so that all
+    // threads inherit the mask and only `wait` below receives them.
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        sigs.add(s);
+    }
+    sigs.thread_block().map_err(|e| e.to_string())?;
+    let e = Arc::new(node::enforcer(&cfg)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let _workers = node::start(&cfg, &e, &stop)?;
+    log(format!(
+        "node {}: enforcing {} PUs with ruleset sha256:{} ({} queue(s) each, fail-{})",
+        cfg.node,
+        cfg.pus.len(),
+        e.policy().hash,
+        cfg.queues,
+        if cfg.fail_open { "open" } else { "closed" }
+    ));
+    if let Some(p) = cfg.stats.clone() {
+        let e = e.clone();
+        std::thread::Builder::new()
+            .name("stats".into())
+            .spawn(move || {
+                loop {
+                    write_stats(&Some(p.clone()), &e);
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    loop {
+        match sigs.wait().map_err(|e| e.to_string())? {
+            Signal::SIGHUP => match node::load_ruleset(&cfg) {
+                Ok(rs) => {
+                    e.update_policy(rs);
+                    log(format!(
+                        "ruleset reloaded: sha256:{} (applies to new connections)",
+                        e.policy().hash
+                    ));
+                }
+                Err(err) => log(format!(
+                    "reload refused, keeping the current ruleset: {err}"
+                )),
+            },
+            s => {
+                write_stats(&cfg.stats, &e);
+                log(format!(
+                    "{s}: stopping; rules stay in place (fail-closed); `trireme-runtime cleanup` removes them"
+                ));
+                return Ok(());
+            }
+        }
+    }
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    let [_, path] = args.as_slice() else {
-        eprintln!(
-            "usage: trireme-runtime RULESET\n(loads and validates a compiled ruleset; enforcement is not implemented yet)"
-        );
-        return ExitCode::from(2);
-    };
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: {path}: {e}");
-            return ExitCode::from(2);
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run { config } => run(config),
+        Cmd::Check { config } => Config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| {
+                let e = node::enforcer(&cfg)?;
+                println!(
+                    "ok: node {}, {} PUs, ruleset sha256:{}",
+                    cfg.node,
+                    e.pus().len(),
+                    e.policy().hash
+                );
+                Ok(())
+            }),
+        Cmd::Cleanup { config } => {
+            Config::load(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| {
+                    let mut errs = Vec::new();
+                    for pu in &cfg.pus {
+                        if let Err(e) = firewall::remove(&pu.netns_path()) {
+                            errs.push(format!("pu {}: {e}", pu.name));
+                        }
+                    }
+                    if errs.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(errs.join("\n"))
+                    }
+                })
         }
+        Cmd::Ruleset { path } => std::fs::read(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|b| {
+                trireme_compiler::ruleset::Ruleset::decode(&b)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            })
+            .map(|rs| {
+                println!(
+                    "loaded {}: {} policies, {} rules, sha256:{}",
+                    path.display(),
+                    rs.policies.len(),
+                    rs.rule_count(),
+                    rs.content_hash()
+                )
+            }),
     };
-    match Ruleset::decode(&bytes) {
-        Ok(rs) => {
-            println!(
-                "loaded {path}: {} policies, {} rules, sha256:{} (enforcement not implemented yet)",
-                rs.policies.len(),
-                rs.rule_count(),
-                rs.content_hash()
-            );
-            ExitCode::SUCCESS
-        }
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {path}: {e}");
+            log(format!("error: {e}"));
             ExitCode::from(2)
         }
     }

@@ -62,6 +62,86 @@ impl PacketError {
     }
 }
 
+/// TCP flag bits (byte 13 of the header).
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const ACK: u8 = 0x10;
+
+/// What the enforcer needs to know about a TCP packet to find its flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpMeta {
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    pub flags: u8,
+    /// TCP payload bytes (the token included, if any).
+    pub payload_len: usize,
+}
+
+/// Addresses, ports and flags, validating the headers as `strip` would.
+pub fn tcp_meta(pkt: &[u8]) -> Result<TcpMeta, PacketError> {
+    use std::net::{IpAddr, SocketAddr};
+    let (ip, payload) = IpHeaders::from_slice(pkt).map_err(|e| PacketError::Ip(e.to_string()))?;
+    if payload.ip_number != IpNumber::TCP {
+        return Err(PacketError::NotTcp);
+    }
+    if payload.fragmented {
+        return Err(PacketError::Fragmented);
+    }
+    let (tcp, rest) =
+        TcpHeader::from_slice(payload.payload).map_err(|e| PacketError::Tcp(e.to_string()))?;
+    let (src, dst): (IpAddr, IpAddr) = match &ip {
+        IpHeaders::Ipv4(h, _) => (h.source.into(), h.destination.into()),
+        IpHeaders::Ipv6(h, _) => (h.source.into(), h.destination.into()),
+    };
+    let t = ip.header_len();
+    Ok(TcpMeta {
+        src: SocketAddr::new(src, tcp.source_port),
+        dst: SocketAddr::new(dst, tcp.destination_port),
+        flags: pkt[t + 13],
+        payload_len: rest.len(),
+    })
+}
+
+/// Addresses and ports of a non-TCP packet (UDP and SCTP carry both
+/// ports in their first four bytes; other protocols get port 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpMeta {
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub protocol: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+pub fn ip_meta(pkt: &[u8]) -> Result<IpMeta, PacketError> {
+    let (ip, payload) = IpHeaders::from_slice(pkt).map_err(|e| PacketError::Ip(e.to_string()))?;
+    let (src, dst): (std::net::IpAddr, std::net::IpAddr) = match &ip {
+        IpHeaders::Ipv4(h, _) => (h.source.into(), h.destination.into()),
+        IpHeaders::Ipv6(h, _) => (h.source.into(), h.destination.into()),
+    };
+    let protocol = payload.ip_number.0;
+    let p = payload.payload;
+    let (src_port, dst_port) = if matches!(protocol, 17 | 132) && !payload.fragmented {
+        if p.len() < 4 {
+            return Err(PacketError::Ip("truncated transport header".into()));
+        }
+        (
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        )
+    } else {
+        (0, 0)
+    };
+    Ok(IpMeta {
+        src,
+        dst,
+        protocol,
+        src_port,
+        dst_port,
+    })
+}
+
 /// Where things are in a packet.
 struct Layout {
     v4: bool,

@@ -1,0 +1,256 @@
+//! The node's YAML configuration: which ruleset, which keys, which node
+//! this is, and its processing units (network namespaces with labels).
+//!
+//! This is the embedded PU source used by the demo and the tests; the
+//! Kubernetes and Docker sources feed the same `PuConfig` later. Relative
+//! paths are relative to the config file, so a config directory can move.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use trireme_compiler::model::{Identity, NamedPort, Protocol};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// Node id: the `iss` of this node's tokens (the certificate CN in PKI mode).
+    pub node: String,
+    /// Compiled ruleset (`trireme compile -o`).
+    pub ruleset: PathBuf,
+    pub keys: Keys,
+    /// PSK mode only: the audience tokens must name (PKI mode uses the CA's trust domain).
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// Let packets through when no enforcer listens (NFQUEUE bypass). Unsafe;
+    /// logged at start.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// NFQUEUE queues per PU namespace; flows are spread over them by hash.
+    #[serde(default = "one")]
+    pub queues: u16,
+    /// Connection table capacity (flows in handshake), per node.
+    #[serde(default = "default_flows")]
+    pub max_flows: usize,
+    /// Seconds a handshake may take before its state is forgotten.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: u64,
+    /// Counters are written here as JSON every second (and at exit).
+    #[serde(default)]
+    pub stats: Option<PathBuf>,
+    #[serde(default)]
+    pub pus: Vec<PuConfig>,
+    /// Workloads elsewhere that send no token (not enforced), known by IP:
+    /// their traffic is judged with these identities instead of as
+    /// external addresses. Trust in an IP is only as good as the network's
+    /// anti-spoofing; leave empty to judge such peers by ipBlock alone.
+    #[serde(default)]
+    pub remotes: Vec<RemoteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RemoteConfig {
+    pub ips: Vec<std::net::IpAddr>,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub namespace_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl RemoteConfig {
+    pub fn identity(&self) -> Identity {
+        Identity::for_pod(&self.namespace, &self.namespace_labels, &self.labels)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Keys {
+    /// Base64 pre-shared key file (at least 32 bytes once decoded).
+    #[serde(default)]
+    pub psk: Option<PathBuf>,
+    #[serde(default)]
+    pub pki: Option<PkiKeys>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PkiKeys {
+    /// The cluster CA certificate (its Organization is the trust domain).
+    pub ca: PathBuf,
+    /// This node's private key (PKCS#8 PEM, P-256).
+    pub key: PathBuf,
+    /// CA-signed key token sent on the wire so peers need no certificate
+    /// of ours beforehand.
+    #[serde(default)]
+    pub key_token: Option<PathBuf>,
+    /// Directory of pre-distributed node certificates (`*.pem`).
+    #[serde(default)]
+    pub peers: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PuConfig {
+    pub name: String,
+    /// A named network namespace (`/run/netns/NAME`) or an absolute path
+    /// (`/proc/PID/ns/net`).
+    pub netns: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub namespace_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Declared ports, for policies that name them.
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    pub name: String,
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_audience() -> String {
+    "trireme".into()
+}
+fn one() -> u16 {
+    1
+}
+fn default_flows() -> usize {
+    65536
+}
+fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+fn default_protocol() -> String {
+    "TCP".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {msg}")]
+pub struct ConfigError {
+    pub path: String,
+    pub msg: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |msg: String| ConfigError {
+            path: path.display().to_string(),
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut cfg: Config = serde_saphyr::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve(base);
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.ruleset);
+        if let Some(p) = &mut self.keys.psk {
+            fix(p);
+        }
+        if let Some(k) = &mut self.keys.pki {
+            fix(&mut k.ca);
+            fix(&mut k.key);
+            if let Some(p) = &mut k.key_token {
+                fix(p);
+            }
+            if let Some(p) = &mut k.peers {
+                fix(p);
+            }
+        }
+        if let Some(p) = &mut self.stats {
+            fix(p);
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match (&self.keys.psk, &self.keys.pki) {
+            (Some(_), Some(_)) => return Err("keys: give either psk or pki, not both".into()),
+            (None, None) => {
+                return Err("keys: no key material (psk or pki); there is no default key".into());
+            }
+            _ => {}
+        }
+        if self.queues == 0 || self.queues > 64 {
+            return Err(format!("queues: {} is not in 1..=64", self.queues));
+        }
+        if self.max_flows < 16 {
+            return Err("maxFlows: at least 16".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for pu in &self.pus {
+            if !names.insert(&pu.name) {
+                return Err(format!("pus: duplicate name {:?}", pu.name));
+            }
+            if pu.netns.is_empty() || (!pu.netns.starts_with('/') && pu.netns.contains('/')) {
+                return Err(format!(
+                    "pu {}: netns {:?} must be a name under /run/netns or an absolute path",
+                    pu.name, pu.netns
+                ));
+            }
+            for k in pu.labels.keys() {
+                if k.starts_with('@') {
+                    return Err(format!(
+                        "pu {}: label key {k:?} is reserved (system labels start with '@')",
+                        pu.name
+                    ));
+                }
+            }
+            for p in &pu.ports {
+                if Protocol::parse(&p.protocol).is_none() {
+                    return Err(format!(
+                        "pu {}: port {}: unknown protocol {:?}",
+                        pu.name, p.name, p.protocol
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PuConfig {
+    pub fn netns_path(&self) -> PathBuf {
+        if self.netns.starts_with('/') {
+            PathBuf::from(&self.netns)
+        } else {
+            Path::new("/run/netns").join(&self.netns)
+        }
+    }
+
+    /// The PU's identity, built exactly as the compiler builds a pod's.
+    pub fn identity(&self) -> Identity {
+        Identity::for_pod(&self.namespace, &self.namespace_labels, &self.labels)
+    }
+
+    pub fn named_ports(&self) -> Vec<NamedPort> {
+        self.ports
+            .iter()
+            .map(|p| NamedPort {
+                name: p.name.clone(),
+                port: p.port,
+                protocol: Protocol::parse(&p.protocol).unwrap_or(Protocol::Tcp),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,660 @@
+//! The handshake state machine (design.md §4), free of any kernel API so
+//! that every transition is unit-tested with byte-exact packets.
+//!
+//! The kernel hands us, per PU namespace, the TCP packets of connections
+//! that are not yet authorized, and the first packet of other flows:
+//!
+//! | hook   | packet  | role      | what happens                                         |
+//! |--------|---------|-----------|------------------------------------------------------|
+//! | OUTPUT | SYN     | initiator | attach the SYN token                                 |
+//! | INPUT  | SYN     | responder | verify, strip, **ingress** decision on the labels     |
+//! | OUTPUT | SYN-ACK | responder | attach the SYN-ACK token                             |
+//! | INPUT  | SYN-ACK | initiator | verify, strip, **egress** decision on the labels      |
+//! | OUTPUT | ACK     | initiator | attach the ACK token, authorize the flow             |
+//! | INPUT  | ACK     | responder | verify (once only), strip, authorize the flow        |
+//!
+//! "Authorize" sets a conntrack mark, after which the kernel carries the flow
+//! without us. A SYN without our marker comes from a peer that does not
+//! enforce: it is judged by its IP (ipBlock rules, or the identity of a
+//! known workload at that IP). So is a SYN-ACK without the marker, and the
+//! first packet of a UDP or SCTP flow, on the same evaluator.
+
+use crate::counters::Counters;
+use crate::flows::{FlowKey, FlowTable};
+use crate::packet::{self, ACK, RST, SYN};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use trireme_compiler::eval::{Applicable, Endpoint, Evaluator, Flow};
+use trireme_compiler::model::{Identity, NamedPort, Protocol};
+use trireme_compiler::ruleset::Ruleset;
+use trireme_compiler::subjects::SubjectIndex;
+use trireme_tokens::handshake::{AwaitAck, Engine, LocalToken, SynReceived, SynSent};
+
+/// Where the kernel saw the packet, from the PU's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Arriving at the PU (netfilter INPUT in its namespace).
+    In,
+    /// Leaving the PU (netfilter OUTPUT).
+    Out,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it through unchanged.
+    Accept,
+    /// Let it through rewritten (token attached or stripped).
+    Rewrite(Vec<u8>),
+    /// Let it through (rewritten if given) and mark the connection: from
+    /// now on the kernel carries it.
+    Authorize(Option<Vec<u8>>),
+    /// Drop, counted under this name.
+    Drop(&'static str),
+}
+
+/// A workload this node enforces for.
+pub struct Pu {
+    pub name: String,
+    pub identity: Identity,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<NamedPort>,
+    token: Mutex<Option<LocalToken>>,
+}
+
+impl Pu {
+    pub fn new(name: &str, identity: Identity, ports: Vec<NamedPort>) -> Pu {
+        let labels = identity
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Pu {
+            name: name.to_string(),
+            identity,
+            labels,
+            ports,
+            token: Mutex::new(None),
+        }
+    }
+}
+
+/// A ruleset with what the hot path needs precomputed: the subject index
+/// and, per PU, the policies that select it.
+pub struct Loaded {
+    pub rs: Ruleset,
+    subjects: SubjectIndex,
+    applicable: Vec<Applicable>,
+    pub hash: String,
+}
+
+impl Loaded {
+    pub fn new(rs: Ruleset, pus: &[Pu]) -> Loaded {
+        let subjects = SubjectIndex::new(&rs.policies);
+        let hash = rs.content_hash();
+        let applicable = {
+            let ev = Evaluator::with_index(&rs, &subjects);
+            pus.iter().map(|p| ev.applicable(&p.identity)).collect()
+        };
+        Loaded {
+            rs,
+            subjects,
+            applicable,
+            hash,
+        }
+    }
+
+    pub fn from_file(path: &Path, pus: &[Pu]) -> Result<Loaded, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let rs = Ruleset::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Loaded::new(rs, pus))
+    }
+}
+
+/// The addresses, port and protocol one policy direction is decided on.
+#[derive(Clone, Copy)]
+struct Query {
+    local: IpAddr,
+    remote: IpAddr,
+    /// The destination port.
+    port: u16,
+    protocol: Protocol,
+}
+
+enum State {
+    /// Initiator: SYN sent (the payload is kept so a retransmitted SYN
+    /// carries the same nonce, which the responder recognises).
+    SynSent { st: SynSent, payload: Arc<[u8]> },
+    /// Initiator: SYN-ACK verified and allowed; the ACK payload waits for
+    /// the kernel's ACK.
+    AckPending { synack: Vec<u8>, ack: Vec<u8> },
+    /// Responder: SYN verified and allowed.
+    SynReceived { syn: Vec<u8>, st: SynReceived },
+    /// Responder: SYN-ACK sent, waiting for the ACK.
+    AwaitAck {
+        syn: Vec<u8>,
+        synack: Arc<[u8]>,
+        st: AwaitAck,
+    },
+    /// Responder: authorized; packets queued behind the ACK before the
+    /// conntrack mark took effect pass.
+    Done,
+    /// Responder: this SYN was refused; its retransmissions are refused
+    /// without another verification (and counted as denials, not replays).
+    Denied { syn: Vec<u8> },
+}
+
+pub struct Enforcer {
+    engine: Engine,
+    pus: Vec<Pu>,
+    policy: RwLock<Arc<Loaded>>,
+    flows: Mutex<FlowTable<State>>,
+    /// Identities of workloads known by IP, for peers that send no token.
+    by_ip: HashMap<IpAddr, Identity>,
+    timeout_ms: u64,
+    pub counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Enforcer {
+    pub fn new(
+        engine: Engine,
+        pus: Vec<Pu>,
+        rs: Ruleset,
+        by_ip: HashMap<IpAddr, Identity>,
+        max_flows: usize,
+        timeout_ms: u64,
+    ) -> Enforcer {
+        let loaded = Loaded::new(rs, &pus);
+        Enforcer {
+            engine,
+            policy: RwLock::new(Arc::new(loaded)),
+            pus,
+            flows: Mutex::new(FlowTable::new(max_flows)),
+            by_ip,
+            timeout_ms,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn pus(&self) -> &[Pu] {
+        &self.pus
+    }
+
+    pub fn policy(&self) -> Arc<Loaded> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swap in a new ruleset; it applies to connections that start after
+    /// this returns (authorized flows keep their conntrack mark).
+    pub fn update_policy(&self, rs: Ruleset) {
+        let l = Arc::new(Loaded::new(rs, &self.pus));
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = l;
+        self.counters.inc("policy_updates");
+    }
+
+    /// Flows in handshake, evictions and expiries.
+    pub fn flow_stats(&self) -> (usize, u64, u64) {
+        let t = lock(&self.flows);
+        (t.len(), t.evicted, t.expired)
+    }
+
+    fn local_token(&self, pu: usize, now_s: u64) -> Result<LocalToken, &'static str> {
+        let p = &self.pus[pu];
+        let mut slot = lock(&p.token);
+        if let Some(t) = slot.as_ref().filter(|t| !t.needs_refresh(now_s)) {
+            return Ok(t.clone());
+        }
+        match self.engine.local_token(&p.labels, now_s) {
+            Ok(t) => {
+                *slot = Some(t.clone());
+                Ok(t)
+            }
+            Err(e) => Err(e.counter()),
+        }
+    }
+
+    /// One direction of the policy for a local PU against a peer.
+    fn allowed(&self, pu: usize, hook: Hook, q: Query, peer: Option<&Identity>) -> bool {
+        let Query {
+            local,
+            remote,
+            port,
+            protocol,
+        } = q;
+        let l = self.policy();
+        let ev = Evaluator::with_index(&l.rs, &l.subjects);
+        let me = &self.pus[pu];
+        let mine = Endpoint {
+            identity: Some(&me.identity),
+            ip: Some(local),
+            ports: &me.ports,
+        };
+        let peer = peer.or_else(|| self.by_ip.get(&remote));
+        let them = Endpoint {
+            identity: peer,
+            ip: Some(remote),
+            ports: &[],
+        };
+        let app = Some(&l.applicable[pu]);
+        match hook {
+            Hook::In => {
+                let f = Flow {
+                    src: them,
+                    dst: mine,
+                    port,
+                    protocol,
+                };
+                ev.allowed_with(&f, None, app)
+            }
+            Hook::Out => {
+                let f = Flow {
+                    src: mine,
+                    dst: them,
+                    port,
+                    protocol,
+                };
+                ev.allowed_with(&f, app, None)
+            }
+        }
+    }
+
+    /// The verdict for one queued packet of PU `pu`. Never panics on any
+    /// input; every drop is counted under its reason.
+    pub fn handle(&self, pu: usize, hook: Hook, pkt: &[u8], now_ms: u64) -> Verdict {
+        let v = self.decide(pu, hook, pkt, now_ms);
+        match &v {
+            Verdict::Drop(reason) => {
+                self.counters.inc("dropped");
+                self.counters.inc(reason);
+            }
+            Verdict::Authorize(_) => self.counters.inc("authorized"),
+            _ => {}
+        }
+        v
+    }
+
+    fn decide(&self, pu: usize, hook: Hook, pkt: &[u8], now_ms: u64) -> Verdict {
+        if pu >= self.pus.len() {
+            return Verdict::Drop("unknown_pu");
+        }
+        let m = match packet::tcp_meta(pkt) {
+            Ok(m) => m,
+            Err(packet::PacketError::NotTcp) => return self.other(pu, hook, pkt),
+            Err(e) => return Verdict::Drop(e.counter()),
+        };
+        let (local, remote) = match hook {
+            Hook::In => (m.dst, m.src),
+            Hook::Out => (m.src, m.dst),
+        };
+        let key = FlowKey {
+            pu: pu as u32,
+            local,
+            remote,
+        };
+        let now_s = now_ms / 1000;
+        let syn = m.flags & SYN != 0;
+        let ack = m.flags & ACK != 0;
+        if m.flags & RST != 0 {
+            lock(&self.flows).remove(&key);
+            return Verdict::Accept;
+        }
+        match (hook, syn, ack) {
+            (Hook::Out, true, false) => self.out_syn(pu, key, pkt, now_ms, now_s),
+            (Hook::In, true, false) => self.in_syn(pu, key, pkt, now_ms, now_s),
+            (Hook::Out, true, true) => self.out_synack(pu, key, pkt, now_ms, now_s),
+            (Hook::In, true, true) => self.in_synack(pu, key, pkt, now_ms, now_s),
+            (Hook::Out, false, _) => self.out_ack(key, pkt, now_ms),
+            (Hook::In, false, _) => self.in_ack(key, pkt, now_ms),
+        }
+    }
+
+    fn out_syn(&self, pu: usize, key: FlowKey, pkt: &[u8], now_ms: u64, now_s: u64) -> Verdict {
+        let mut t = lock(&self.flows);
+        let payload = match t.get_mut(&key, now_ms) {
+            Some(State::SynSent { payload, .. }) => {
+                self.counters.inc("syn_retransmitted");
+                payload.clone()
+            }
+            _ => {
+                drop(t);
+                let tok = match self.local_token(pu, now_s) {
+                    Ok(tok) => tok,
+                    Err(c) => return Verdict::Drop(c),
+                };
+                let (payload, st) = self.engine.syn(&tok, None, now_s);
+                let payload: Arc<[u8]> = payload.into();
+                t = lock(&self.flows);
+                t.insert(
+                    key,
+                    State::SynSent {
+                        st,
+                        payload: payload.clone(),
+                    },
+                    now_ms + self.timeout_ms,
+                    now_ms,
+                );
+                payload
+            }
+        };
+        drop(t);
+        match packet::attach(pkt, &payload) {
+            Ok(p) => {
+                self.counters.inc("syn_sent");
+                Verdict::Rewrite(p)
+            }
+            Err(e) => {
+                lock(&self.flows).remove(&key);
+                Verdict::Drop(e.counter())
+            }
+        }
+    }
+
+    fn in_syn(&self, pu: usize, key: FlowKey, pkt: &[u8], now_ms: u64, now_s: u64) -> Verdict {
+        let stripped = match packet::strip(pkt) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                // No marker: a peer that does not enforce, judged by IP.
+                lock(&self.flows).remove(&key);
+                let ok = self.allowed(
+                    pu,
+                    Hook::In,
+                    Query {
+                        local: key.local.ip(),
+                        remote: key.remote.ip(),
+                        port: key.local.port(),
+                        protocol: Protocol::Tcp,
+                    },
+                    None,
+                );
+                return if ok {
+                    self.counters.inc("ingress_allowed_by_ip");
+                    Verdict::Authorize(None)
+                } else {
+                    Verdict::Drop("ingress_denied_by_ip")
+                };
+            }
+            Err(e) => return Verdict::Drop(e.counter()),
+        };
+        {
+            let mut t = lock(&self.flows);
+            match t.get_mut(&key, now_ms) {
+                // A retransmitted SYN: the same bytes were already verified
+                // and allowed (a replay from elsewhere would come from
+                // another port, or find no state).
+                Some(State::SynReceived { syn, .. }) | Some(State::AwaitAck { syn, .. })
+                    if *syn == stripped.token =>
+                {
+                    self.counters.inc("syn_retransmitted");
+                    return Verdict::Rewrite(stripped.packet);
+                }
+                Some(State::Denied { syn }) if *syn == stripped.token => {
+                    return Verdict::Drop("ingress_denied");
+                }
+                _ => {}
+            }
+        }
+        let st = match self.engine.accept_syn(&stripped.token, now_s) {
+            Ok(st) => st,
+            Err(e) => return Verdict::Drop(e.counter()),
+        };
+        let peer: Identity = st
+            .peer
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !self.allowed(
+            pu,
+            Hook::In,
+            Query {
+                local: key.local.ip(),
+                remote: key.remote.ip(),
+                port: key.local.port(),
+                protocol: Protocol::Tcp,
+            },
+            Some(&peer),
+        ) {
+            lock(&self.flows).insert(
+                key,
+                State::Denied {
+                    syn: stripped.token,
+                },
+                now_ms + self.timeout_ms,
+                now_ms,
+            );
+            return Verdict::Drop("ingress_denied");
+        }
+        // A new SYN on a tuple in another state (source-port reuse, or a
+        // simultaneous open) replaces it.
+        lock(&self.flows).insert(
+            key,
+            State::SynReceived {
+                syn: stripped.token,
+                st,
+            },
+            now_ms + self.timeout_ms,
+            now_ms,
+        );
+        self.counters.inc("ingress_allowed");
+        Verdict::Rewrite(stripped.packet)
+    }
+
+    fn out_synack(&self, pu: usize, key: FlowKey, pkt: &[u8], now_ms: u64, now_s: u64) -> Verdict {
+        let mut t = lock(&self.flows);
+        let payload: Arc<[u8]> = match t.get_mut(&key, now_ms) {
+            Some(State::AwaitAck { synack, .. }) => {
+                self.counters.inc("synack_retransmitted");
+                synack.clone()
+            }
+            Some(State::SynReceived { .. }) => {
+                let Some(State::SynReceived { syn, st }) = t.remove(&key) else {
+                    return Verdict::Drop("flow_state_lost");
+                };
+                drop(t);
+                let tok = match self.local_token(pu, now_s) {
+                    Ok(tok) => tok,
+                    Err(c) => return Verdict::Drop(c),
+                };
+                let (payload, st) = self.engine.syn_ack(&tok, &st);
+                let payload: Arc<[u8]> = payload.into();
+                t = lock(&self.flows);
+                t.insert(
+                    key,
+                    State::AwaitAck {
+                        syn,
+                        synack: payload.clone(),
+                        st,
+                    },
+                    now_ms + self.timeout_ms,
+                    now_ms,
+                );
+                payload
+            }
+            // Simultaneous open: both sides sent a SYN and the kernel
+            // answers a SYN with a SYN-ACK. Our SYN already carried our
+            // identity and the peer decides on it; we decided nothing yet,
+            // so refuse (the peer's kernel retries with a plain handshake).
+            Some(State::SynSent { .. }) => return Verdict::Drop("simultaneous_open"),
+            _ => return Verdict::Drop("synack_without_flow"),
+        };
+        drop(t);
+        match packet::attach(pkt, &payload) {
+            Ok(p) => Verdict::Rewrite(p),
+            Err(e) => Verdict::Drop(e.counter()),
+        }
+    }
+
+    fn in_synack(&self, pu: usize, key: FlowKey, pkt: &[u8], now_ms: u64, now_s: u64) -> Verdict {
+        let stripped = match packet::strip(pkt) {
+            Ok(s) => s,
+            Err(e) => return Verdict::Drop(e.counter()),
+        };
+        let mut t = lock(&self.flows);
+        let Some(state) = t.get_mut(&key, now_ms) else {
+            return Verdict::Drop("synack_without_flow");
+        };
+        let Some(stripped) = stripped else {
+            // The destination does not enforce: egress by IP.
+            if !matches!(state, State::SynSent { .. }) {
+                return Verdict::Drop("synack_without_token");
+            }
+            t.remove(&key);
+            drop(t);
+            let ok = self.allowed(
+                pu,
+                Hook::Out,
+                Query {
+                    local: key.local.ip(),
+                    remote: key.remote.ip(),
+                    port: key.remote.port(),
+                    protocol: Protocol::Tcp,
+                },
+                None,
+            );
+            return if ok {
+                self.counters.inc("egress_allowed_by_ip");
+                Verdict::Authorize(None)
+            } else {
+                Verdict::Drop("egress_denied_by_ip")
+            };
+        };
+        match state {
+            State::AckPending { synack, .. } if *synack == stripped.token => {
+                self.counters.inc("synack_retransmitted");
+                Verdict::Rewrite(stripped.packet)
+            }
+            State::SynSent { st, .. } => {
+                let st = st.clone();
+                drop(t);
+                let (peer, ack) = match self.engine.accept_syn_ack(&st, &stripped.token, now_s) {
+                    Ok(x) => x,
+                    Err(e) => return Verdict::Drop(e.counter()),
+                };
+                let peer: Identity = peer
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if !self.allowed(
+                    pu,
+                    Hook::Out,
+                    Query {
+                        local: key.local.ip(),
+                        remote: key.remote.ip(),
+                        port: key.remote.port(),
+                        protocol: Protocol::Tcp,
+                    },
+                    Some(&peer),
+                ) {
+                    lock(&self.flows).remove(&key);
+                    return Verdict::Drop("egress_denied");
+                }
+                lock(&self.flows).insert(
+                    key,
+                    State::AckPending {
+                        synack: stripped.token,
+                        ack,
+                    },
+                    now_ms + self.timeout_ms,
+                    now_ms,
+                );
+                self.counters.inc("egress_allowed");
+                Verdict::Rewrite(stripped.packet)
+            }
+            _ => Verdict::Drop("synack_unexpected"),
+        }
+    }
+
+    fn out_ack(&self, key: FlowKey, pkt: &[u8], now_ms: u64) -> Verdict {
+        let mut t = lock(&self.flows);
+        match t.get_mut(&key, now_ms) {
+            Some(State::AckPending { .. }) => {
+                let Some(State::AckPending { ack, .. }) = t.remove(&key) else {
+                    return Verdict::Drop("flow_state_lost");
+                };
+                drop(t);
+                match packet::attach(pkt, &ack) {
+                    Ok(p) => Verdict::Authorize(Some(p)),
+                    Err(e) => Verdict::Drop(e.counter()),
+                }
+            }
+            _ => Verdict::Drop("unauthorized_flow"),
+        }
+    }
+
+    fn in_ack(&self, key: FlowKey, pkt: &[u8], now_ms: u64) -> Verdict {
+        let mut t = lock(&self.flows);
+        match t.get_mut(&key, now_ms) {
+            Some(State::AwaitAck { st, .. }) => {
+                let stripped = match packet::strip(pkt) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => return Verdict::Drop("ack_without_token"),
+                    Err(e) => return Verdict::Drop(e.counter()),
+                };
+                if let Err(e) = self.engine.accept_ack(st, &stripped.token) {
+                    return Verdict::Drop(e.counter());
+                }
+                t.insert(key, State::Done, now_ms + 2_000, now_ms);
+                drop(t);
+                Verdict::Authorize(Some(stripped.packet))
+            }
+            Some(State::Done) => match packet::strip(pkt) {
+                Ok(None) => Verdict::Authorize(None),
+                _ => Verdict::Drop("ack_replayed"),
+            },
+            _ => Verdict::Drop("unauthorized_flow"),
+        }
+    }
+
+    /// UDP, SCTP and anything else: the first packet of a flow, judged by
+    /// IP on the same evaluator; the kernel carries the rest.
+    fn other(&self, pu: usize, hook: Hook, pkt: &[u8]) -> Verdict {
+        let m = match packet::ip_meta(pkt) {
+            Ok(m) => m,
+            Err(e) => return Verdict::Drop(e.counter()),
+        };
+        let protocol = match m.protocol {
+            17 => Protocol::Udp,
+            132 => Protocol::Sctp,
+            _ => return Verdict::Drop("protocol_not_governed"),
+        };
+        let (local, remote) = match hook {
+            Hook::In => (m.dst, m.src),
+            Hook::Out => (m.src, m.dst),
+        };
+        if self.allowed(
+            pu,
+            hook,
+            Query {
+                local,
+                remote,
+                port: m.dst_port,
+                protocol,
+            },
+            None,
+        ) {
+            self.counters.inc(match hook {
+                Hook::In => "ingress_allowed_by_ip",
+                Hook::Out => "egress_allowed_by_ip",
+            });
+            Verdict::Authorize(None)
+        } else {
+            Verdict::Drop(match hook {
+                Hook::In => "ingress_denied_by_ip",
+                Hook::Out => "egress_denied_by_ip",
+            })
+        }
+    }
+}
+
+/// Address helpers for tests and tools.
+pub fn sock(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}

@@ -1,0 +1,206 @@
+//! Programming a PU's namespace: our own chains, applied atomically.
+//!
+//! Design choice, forced by kernels like this project's CI machine: the
+//! nftables `queue` expression (CONFIG_NFT_QUEUE) is often missing while
+//! the xtables NFQUEUE target is built in. So the rules are written for
+//! `iptables-restore`/`ip6tables-restore` of the iptables-nft flavour:
+//! they land in the kernel's nf_tables as one transaction per family,
+//! through the xt compatibility layer where needed. (See docs/enforcer.md.)
+//!
+//! Per family, in the PU's namespace, chains `TRIREME-IN` (hooked first
+//! in INPUT) and `TRIREME-OUT` (first in OUTPUT):
+//! 1. packets we authorized (nfmark bit, re-injected by NF_REPEAT) set
+//!    the conntrack mark bit and pass;
+//! 2. flows with the conntrack mark bit pass: the kernel carries them;
+//! 3. loopback, TCP RSTs and ICMP pass (ICMPv6 carries neighbour discovery);
+//! 4. all other TCP, and new flows of other protocols, go to NFQUEUE,
+//!    with no bypass: if no enforcer listens they are dropped (fail-closed);
+//! 5. everything else (replies to flows we did not authorize) is dropped.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// nfmark bit meaning "authorized by the enforcer" (on re-injection).
+pub const AUTH_MARK: u32 = 0x2000_0000;
+/// conntrack mark bit meaning "this flow is authorized".
+pub const CT_MARK: u32 = 0x2000_0000;
+pub const CHAIN_IN: &str = "TRIREME-IN";
+pub const CHAIN_OUT: &str = "TRIREME-OUT";
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// First NFQUEUE number; `queues` consecutive numbers are used.
+    pub queue: u16,
+    pub queues: u16,
+    /// NFQUEUE bypass: accept when nobody listens. Unsafe, explicit.
+    pub fail_open: bool,
+}
+
+/// The `iptables-restore --noflush` input for one family.
+pub fn render(v6: bool, o: &Options) -> String {
+    let mut s = String::from("*filter\n");
+    s += &format!(":{CHAIN_IN} - [0:0]\n:{CHAIN_OUT} - [0:0]\n");
+    let queue = if o.queues > 1 {
+        format!(
+            "NFQUEUE --queue-balance {}:{}",
+            o.queue,
+            o.queue + o.queues - 1
+        )
+    } else {
+        format!("NFQUEUE --queue-num {}", o.queue)
+    };
+    let bypass = if o.fail_open { " --queue-bypass" } else { "" };
+    let icmp = if v6 { "ipv6-icmp" } else { "icmp" };
+    for (chain, lo) in [(CHAIN_IN, "-i lo"), (CHAIN_OUT, "-o lo")] {
+        let r = |s: &mut String, rule: &str| *s += &format!("-A {chain} {rule}\n");
+        r(
+            &mut s,
+            &format!(
+                "-m mark --mark {AUTH_MARK:#x}/{AUTH_MARK:#x} -j CONNMARK --set-xmark {CT_MARK:#x}/{CT_MARK:#x}"
+            ),
+        );
+        r(
+            &mut s,
+            &format!("-m mark --mark {AUTH_MARK:#x}/{AUTH_MARK:#x} -j ACCEPT"),
+        );
+        r(
+            &mut s,
+            &format!("-m connmark --mark {CT_MARK:#x}/{CT_MARK:#x} -j ACCEPT"),
+        );
+        r(&mut s, &format!("{lo} -j ACCEPT"));
+        r(&mut s, "-p tcp --tcp-flags RST RST -j ACCEPT");
+        r(&mut s, &format!("-p {icmp} -j ACCEPT"));
+        r(&mut s, &format!("-p tcp -j {queue}{bypass}"));
+        r(
+            &mut s,
+            &format!("-m conntrack --ctstate NEW -j {queue}{bypass}"),
+        );
+        r(&mut s, "-j DROP");
+    }
+    s += "COMMIT\n";
+    s
+}
+
+fn nsenter(netns: &Path) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", netns.display()));
+    c
+}
+
+fn run(mut c: Command, stdin: Option<&str>) -> Result<String, String> {
+    let desc = format!("{c:?}");
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().map_err(|e| format!("{desc}: {e}"))?;
+    if let Some(input) = stdin {
+        let mut w = child.stdin.take().ok_or("no stdin")?;
+        w.write_all(input.as_bytes())
+            .map_err(|e| format!("{desc}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{desc}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{desc}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Install (or atomically replace) our chains in the namespace at `netns`.
+pub fn apply(netns: &Path, o: &Options) -> Result<(), String> {
+    // Conntrack in the PU namespace sees the token bytes as sequence space
+    // on SYN and SYN-ACK before we strip them; liberal window tracking keeps
+    // it from marking the next segments invalid (as Trireme did).
+    let mut c = nsenter(netns);
+    c.args([
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal",
+    ]);
+    run(c, None)?;
+    for (v6, tool) in [(false, "iptables"), (true, "ip6tables")] {
+        let mut c = nsenter(netns);
+        c.args([&format!("{tool}-restore"), "--noflush", "--wait"]);
+        run(c, Some(&render(v6, o)))?;
+        for (hook, chain) in [("INPUT", CHAIN_IN), ("OUTPUT", CHAIN_OUT)] {
+            let mut check = nsenter(netns);
+            check.args([tool, "-w", "-C", hook, "-j", chain]);
+            if run(check, None).is_err() {
+                let mut ins = nsenter(netns);
+                ins.args([tool, "-w", "-I", hook, "1", "-j", chain]);
+                run(ins, None)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Remove everything `apply` added (the PU is gone or no longer ours).
+pub fn remove(netns: &Path) -> Result<(), String> {
+    let mut errors = Vec::new();
+    for tool in ["iptables", "ip6tables"] {
+        for (hook, chain) in [("INPUT", CHAIN_IN), ("OUTPUT", CHAIN_OUT)] {
+            loop {
+                let mut c = nsenter(netns);
+                c.args([tool, "-w", "-D", hook, "-j", chain]);
+                if run(c, None).is_err() {
+                    break;
+                }
+            }
+            for op in ["-F", "-X"] {
+                let mut c = nsenter(netns);
+                c.args([tool, "-w", op, chain]);
+                if let Err(e) = run(c, None)
+                    && !e.contains("No chain")
+                    && !e.contains("does not exist")
+                {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fail_closed_by_default() {
+        let o = Options {
+            queue: 0,
+            queues: 1,
+            fail_open: false,
+        };
+        let r = render(false, &o);
+        assert!(!r.contains("bypass"));
+        assert!(r.contains("-A TRIREME-IN -p tcp -j NFQUEUE --queue-num 0\n"));
+        assert!(r.trim_end().ends_with("COMMIT"));
+        assert!(r.contains("-A TRIREME-OUT -j DROP"));
+        let r6 = render(
+            true,
+            &Options {
+                queues: 4,
+                fail_open: true,
+                ..o
+            },
+        );
+        assert!(r6.contains("--queue-balance 0:3 --queue-bypass"));
+        assert!(r6.contains("ipv6-icmp"));
+    }
+}

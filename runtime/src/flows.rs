@@ -1,0 +1,179 @@
+//! The bounded table of connections in handshake.
+//!
+//! Only handshakes live here: once a flow is authorized the kernel carries
+//! it under a conntrack mark and its entry goes. Every entry has a
+//! deadline; the table never grows past its capacity (the oldest entry is
+//! evicted, and counted), so a SYN flood costs bounded memory.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+
+/// A flow as seen from one PU: its own address first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub pu: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+struct Slot<S> {
+    state: S,
+    deadline: u64,
+    /// Insertion stamp; the FIFO holds (key, stamp) and skips stale stamps.
+    stamp: u64,
+}
+
+pub struct FlowTable<S> {
+    map: HashMap<FlowKey, Slot<S>>,
+    order: VecDeque<(FlowKey, u64)>,
+    capacity: usize,
+    next: u64,
+    pub evicted: u64,
+    pub expired: u64,
+}
+
+impl<S> FlowTable<S> {
+    pub fn new(capacity: usize) -> Self {
+        FlowTable {
+            map: HashMap::with_capacity(capacity.min(4096)),
+            order: VecDeque::new(),
+            capacity,
+            next: 0,
+            evicted: 0,
+            expired: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The live entry for `key` (an expired one counts as absent).
+    pub fn get_mut(&mut self, key: &FlowKey, now: u64) -> Option<&mut S> {
+        match self.map.get(key) {
+            Some(s) if s.deadline <= now => {
+                self.map.remove(key);
+                self.expired += 1;
+                None
+            }
+            Some(_) => self.map.get_mut(key).map(|s| &mut s.state),
+            None => None,
+        }
+    }
+
+    /// Insert or replace, with a fresh deadline.
+    pub fn insert(&mut self, key: FlowKey, state: S, deadline: u64, now: u64) {
+        self.sweep(now);
+        if !self.map.contains_key(&key) {
+            while self.map.len() >= self.capacity {
+                if !self.pop_oldest() {
+                    break;
+                }
+                self.evicted += 1;
+            }
+        }
+        self.next += 1;
+        let stamp = self.next;
+        self.map.insert(
+            key,
+            Slot {
+                state,
+                deadline,
+                stamp,
+            },
+        );
+        self.order.push_back((key, stamp));
+        // Replaced entries leave stale FIFO records; keep them bounded.
+        if self.order.len() > 2 * self.capacity {
+            let map = &self.map;
+            self.order
+                .retain(|(k, st)| map.get(k).is_some_and(|s| s.stamp == *st));
+        }
+    }
+
+    pub fn remove(&mut self, key: &FlowKey) -> Option<S> {
+        self.map.remove(key).map(|s| s.state)
+    }
+
+    /// Drop expired entries from the old end (deadlines grow with stamps
+    /// for a fixed timeout, so the front is where they are).
+    fn sweep(&mut self, now: u64) {
+        while let Some(&(k, st)) = self.order.front() {
+            match self.map.get(&k) {
+                Some(s) if s.stamp == st => {
+                    if s.deadline > now {
+                        break;
+                    }
+                    self.map.remove(&k);
+                    self.expired += 1;
+                }
+                _ => {}
+            }
+            self.order.pop_front();
+        }
+    }
+
+    fn pop_oldest(&mut self) -> bool {
+        while let Some((k, st)) = self.order.pop_front() {
+            if self.map.get(&k).is_some_and(|s| s.stamp == st) {
+                self.map.remove(&k);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            pu: 0,
+            local: "198.18.0.1:80".parse().unwrap(),
+            remote: SocketAddr::new("198.18.0.2".parse().unwrap(), port),
+        }
+    }
+
+    #[test]
+    fn bounded_with_fifo_eviction() {
+        let mut t = FlowTable::new(16);
+        for p in 0..100u16 {
+            t.insert(key(p), p, 1_000, 0);
+        }
+        assert_eq!(t.len(), 16);
+        assert_eq!(t.evicted, 84);
+        assert!(t.get_mut(&key(83), 1).is_none());
+        assert_eq!(t.get_mut(&key(99), 1), Some(&mut 99));
+        assert!(t.order.len() <= 32);
+    }
+
+    #[test]
+    fn entries_expire() {
+        let mut t = FlowTable::new(16);
+        t.insert(key(1), 1, 10, 0);
+        t.insert(key(2), 2, 20, 0);
+        assert!(t.get_mut(&key(1), 10).is_none());
+        assert_eq!(t.expired, 1);
+        t.insert(key(3), 3, 40, 25);
+        assert_eq!(t.len(), 1, "the sweep dropped key 2");
+        assert_eq!(t.expired, 2);
+    }
+
+    #[test]
+    fn replacing_keeps_one_entry_and_bounded_order() {
+        let mut t = FlowTable::new(16);
+        for i in 0..1000u64 {
+            t.insert(key(7), i, 1_000_000, 0);
+        }
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.evicted, 0);
+        assert!(t.order.len() <= 32);
+        assert_eq!(t.remove(&key(7)), Some(999));
+    }
+}

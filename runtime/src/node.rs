@@ -1,0 +1,130 @@
+//! Building a node from its configuration: keys → token engine, PUs →
+//! identities, ruleset → evaluator; then the namespaces are programmed and
+//! the queue workers started.
+
+use crate::config::Config;
+use crate::enforcer::{Enforcer, Pu};
+use crate::firewall;
+use crate::queue;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use trireme_compiler::ruleset::Ruleset;
+use trireme_tokens::handshake::{Config as TokenConfig, Credentials, Engine, PkiCredentials};
+use trireme_tokens::keys::{Ca, NodeKey, Psk};
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The token engine for this node's key material.
+pub fn engine(cfg: &Config) -> Result<Engine, String> {
+    if let Some(p) = &cfg.keys.psk {
+        let psk = Psk::from_file(p).map_err(|e| e.to_string())?;
+        let tc = TokenConfig::new(&cfg.node, &cfg.audience);
+        return Engine::new(tc, Credentials::Psk(Box::new(psk))).map_err(|e| e.to_string());
+    }
+    let k = cfg.keys.pki.as_ref().ok_or("keys: none configured")?;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let ca_pem = read(&k.ca)?;
+    let td = trireme_tokens::pki::trust_domain(&ca_pem)
+        .map_err(|e| format!("{}: {e}", k.ca.display()))?;
+    let ca =
+        Ca::from_pem(ca_pem.as_bytes(), &td).map_err(|e| format!("{}: {e}", k.ca.display()))?;
+    let key = NodeKey::from_pem(&cfg.node, &read(&k.key)?)
+        .map_err(|e| format!("{}: {e}", k.key.display()))?;
+    let key_token = match &k.key_token {
+        Some(p) => Some(read(p)?.trim().to_string()),
+        None => None,
+    };
+    let mut peers = Vec::new();
+    if let Some(dir) = &k.peers {
+        let (good, bad) = ca
+            .load_cert_dir(dir, unix_now(), 30)
+            .map_err(|e| e.to_string())?;
+        for (p, e) in bad {
+            eprintln!(
+                "trireme-runtime: warning: {}: not trusted: {e}",
+                p.display()
+            );
+        }
+        peers = good;
+    }
+    let tc = TokenConfig::new(&cfg.node, &td);
+    Engine::new(
+        tc,
+        Credentials::Pki(Box::new(PkiCredentials {
+            key,
+            ca,
+            key_token,
+            peers,
+        })),
+    )
+    .map_err(|e| e.to_string())
+}
+
+pub fn load_ruleset(cfg: &Config) -> Result<Ruleset, String> {
+    let p = &cfg.ruleset;
+    let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    Ruleset::decode(&bytes).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// The enforcer for `cfg`, without touching the kernel.
+pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
+    let engine = engine(cfg)?;
+    let rs = load_ruleset(cfg)?;
+    let pus: Vec<Pu> = cfg
+        .pus
+        .iter()
+        .map(|p| Pu::new(&p.name, p.identity(), p.named_ports()))
+        .collect();
+    let mut by_ip = HashMap::new();
+    for r in &cfg.remotes {
+        for ip in &r.ips {
+            by_ip.insert(*ip, r.identity());
+        }
+    }
+    Ok(Enforcer::new(
+        engine,
+        pus,
+        rs,
+        by_ip,
+        cfg.max_flows,
+        cfg.handshake_timeout * 1000,
+    ))
+}
+
+/// Program every PU namespace and start its queue workers.
+pub fn start(
+    cfg: &Config,
+    enforcer: &Arc<Enforcer>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, String> {
+    let opts = firewall::Options {
+        queue: 0,
+        queues: cfg.queues,
+        fail_open: cfg.fail_open,
+    };
+    let mut handles = Vec::new();
+    for (i, pu) in cfg.pus.iter().enumerate() {
+        let netns = pu.netns_path();
+        // Queues first: rules that queue to nobody would drop every new
+        // connection of the PU until the workers are up.
+        for q in 0..cfg.queues {
+            let w = queue::Worker {
+                pu: i,
+                netns: netns.clone(),
+                queue: q,
+                max_len: 4096,
+            };
+            handles.push(queue::spawn(w, enforcer.clone(), stop.clone())?);
+        }
+        firewall::apply(&netns, &opts).map_err(|e| format!("pu {}: {e}", pu.name))?;
+    }
+    Ok(handles)
+}

@@ -1,0 +1,131 @@
+//! NFQUEUE workers: one OS thread per (PU namespace, queue number), each
+//! entering the PU's network namespace with `setns` before it opens its
+//! netlink socket, so that the socket (and the queue it binds) belong to
+//! that namespace. Never run on an async executor: `setns` changes the
+//! calling thread, and `recv` blocks.
+
+use crate::enforcer::{Enforcer, Hook, Verdict};
+use crate::firewall::AUTH_MARK;
+use nfq::{Queue, Verdict as NfVerdict};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+/// Netfilter hook numbers (uapi netfilter.h).
+const NF_INET_LOCAL_IN: u8 = 1;
+const NF_INET_LOCAL_OUT: u8 = 3;
+
+pub struct Worker {
+    pub pu: usize,
+    pub netns: PathBuf,
+    pub queue: u16,
+    /// Kernel queue length; packets beyond it are dropped (fail-closed).
+    pub max_len: u32,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Start a worker; returns once its queue is bound (or failed to bind),
+/// so that the caller can report a setup error instead of a silent hole.
+pub fn spawn(
+    w: Worker,
+    enforcer: Arc<Enforcer>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let (tx, rx) = mpsc::channel::<Result<(), String>>();
+    let name = format!("nfq-{}-{}", w.pu, w.queue);
+    let handle = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let mut q = match open(&w) {
+                Ok(q) => {
+                    let _ = tx.send(Ok(()));
+                    q
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            serve(&mut q, &w, &enforcer, &stop);
+        })
+        .map_err(|e| e.to_string())?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("worker thread ended during setup".into()),
+    }
+}
+
+fn open(w: &Worker) -> Result<Queue, String> {
+    let ctx = |what: &str, e: &dyn std::fmt::Display| {
+        format!("queue {} in {}: {what}: {e}", w.queue, w.netns.display())
+    };
+    let f = File::open(&w.netns).map_err(|e| ctx("open netns", &e))?;
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| ctx("setns", &e))?;
+    let mut q = Queue::open().map_err(|e| ctx("open", &e))?;
+    q.bind(w.queue).map_err(|e| ctx("bind", &e))?;
+    q.set_queue_max_len(w.queue, w.max_len)
+        .map_err(|e| ctx("max len", &e))?;
+    // Whole packets: we rewrite them.
+    q.set_copy_range(w.queue, 0xffff)
+        .map_err(|e| ctx("copy range", &e))?;
+    Ok(q)
+}
+
+fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut msg = match q.recv() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                enforcer.counters.inc("queue_recv_errors");
+                eprintln!(
+                    "trireme-runtime: queue {} in {}: {e}",
+                    w.queue,
+                    w.netns.display()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let hook = match msg.get_hook() {
+            NF_INET_LOCAL_IN => Hook::In,
+            NF_INET_LOCAL_OUT => Hook::Out,
+            _ => {
+                msg.set_verdict(NfVerdict::Drop);
+                enforcer.counters.inc("unexpected_hook");
+                let _ = q.verdict(msg);
+                continue;
+            }
+        };
+        let v = enforcer.handle(w.pu, hook, msg.get_payload(), now_ms());
+        match v {
+            Verdict::Accept => msg.set_verdict(NfVerdict::Accept),
+            Verdict::Rewrite(p) => {
+                msg.set_payload(p);
+                msg.set_verdict(NfVerdict::Accept);
+            }
+            Verdict::Authorize(p) => {
+                if let Some(p) = p {
+                    msg.set_payload(p);
+                }
+                // Re-run the chain once with our mark: its first rule
+                // copies the mark to conntrack, then accepts.
+                msg.set_nfmark(msg.get_nfmark() | AUTH_MARK);
+                msg.set_verdict(NfVerdict::Repeat);
+            }
+            Verdict::Drop(_) => msg.set_verdict(NfVerdict::Drop),
+        }
+        if q.verdict(msg).is_err() {
+            enforcer.counters.inc("queue_verdict_errors");
+        }
+    }
+}
