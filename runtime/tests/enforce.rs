@@ -1,0 +1,281 @@
+//! End to end, for real: network namespaces, veths, iptables-nft rules,
+//! NFQUEUE, two `trireme-runtime` processes (two nodes), real TCP. Needs root.
+
+mod common;
+use common::*;
+use nix::sys::signal::Signal;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const POLICIES: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: backend, namespace: beer}
+spec:
+  podSelector: {matchLabels: {role: backend}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: frontend}}}]
+    ports: [{port: 80}]
+  - from: [{ipBlock: {cidr: 198.18.1.0/24, except: [198.18.1.31/32]}}]
+    ports: [{port: 80}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: frontend, namespace: beer}
+spec:
+  podSelector: {matchLabels: {role: frontend}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {role: backend}}}]
+    ports: [{port: 80}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: beer}
+spec:
+  podSelector: {matchLabels: {role: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: backend}}}]
+    ports: [{port: 5432}]
+"#;
+
+fn skip() -> bool {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return true;
+    }
+    false
+}
+
+struct Beer {
+    lab: Lab,
+    fe: Host,
+    be: Host,
+    db: Host,
+    ext: Host,
+    ext2: Host,
+    web: Host,
+}
+
+fn pu(name: &str, h: &Host, role: &str) -> String {
+    format!(
+        "- {{name: {name}, netns: {}, namespace: beer, labels: {{role: {role}}}}}\n",
+        h.ns
+    )
+}
+
+/// Two nodes: A runs the frontend, B the backend and the database; ext
+/// and ext2 enforce nothing.
+fn beer(tag: &str, keys_a: &str, keys_b: &str) -> Beer {
+    let mut lab = Lab::new(tag);
+    let fe = lab.host("fe", "198.18.1.10", "fd00::1:10");
+    let be = lab.host("be", "198.18.1.20", "fd00::1:20");
+    let db = lab.host("db", "198.18.1.40", "fd00::1:40");
+    let ext = lab.host("ext", "198.18.1.30", "fd00::1:30");
+    let ext2 = lab.host("ext2", "198.18.1.31", "fd00::1:31");
+    let web = lab.host("web", "198.18.1.50", "fd00::1:50");
+    let rs = lab.compile("rs.bin", POLICIES);
+    let a = format!(
+        "node: node-a\nruleset: {}\nkeys: {keys_a}\npus:\n{}",
+        rs.display(),
+        pu("fe", &fe, "frontend")
+    );
+    let b = format!(
+        "node: node-b\nruleset: {}\nkeys: {keys_b}\npus:\n{}{}{}",
+        rs.display(),
+        pu("be", &be, "backend"),
+        pu("db", &db, "db"),
+        pu("web", &web, "web")
+    );
+    lab.start("a", &a);
+    lab.start("b", &b);
+    Beer {
+        lab,
+        fe,
+        be,
+        db,
+        ext,
+        ext2,
+        web,
+    }
+}
+
+fn psk(lab_dir: &std::path::Path, name: &str, byte: u8) -> String {
+    use base64::Engine;
+    let p = lab_dir.join(name);
+    std::fs::write(
+        &p,
+        base64::engine::general_purpose::STANDARD.encode([byte; 32]),
+    )
+    .unwrap();
+    format!("{{psk: {}}}", p.display())
+}
+
+fn at(h: &Host, port: u16) -> SocketAddr {
+    SocketAddr::new(h.ip4, port)
+}
+
+fn at6(h: &Host, port: u16) -> SocketAddr {
+    SocketAddr::new(h.ip6, port)
+}
+
+#[test]
+fn psk_labels_ports_directions_ipblock_ipv6_and_bulk() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trpsk{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = psk(&dir, "psk.key", 7);
+    let t = beer("p", &k, &k);
+    for h in [&t.be, &t.db, &t.ext, &t.web] {
+        serve(h, h.ip4, 80);
+        serve(h, h.ip6, 80);
+    }
+    serve(&t.be, t.be.ip4, 81);
+    serve(&t.db, t.db.ip4, 5432);
+
+    // Ingress by labels and ports, across nodes.
+    assert!(probe(&t.fe, at(&t.be, 80)), "frontend -> backend:80");
+    assert!(!probe(&t.fe, at(&t.be, 81)), "backend allows only port 80");
+    assert!(probe(&t.be, at(&t.db, 5432)), "backend -> db:5432");
+    assert!(!probe(&t.be, at(&t.db, 80)), "db allows only 5432");
+    // Egress: the frontend may only call backends on 80.
+    assert!(!probe(&t.fe, at(&t.db, 5432)), "frontend egress to db");
+    assert!(probe(&t.be, at(&t.web, 80)), "web has no ingress policy");
+    assert!(!probe(&t.fe, at(&t.web, 80)), "frontend egress to web");
+    assert!(
+        !probe(&t.fe, at(&t.ext, 80)),
+        "frontend egress to a non-enforced host"
+    );
+    // A non-enforced destination, no egress policy: judged by IP, allowed.
+    assert!(probe(&t.be, at(&t.ext, 80)), "backend -> external host");
+    // Non-enforced sources: by ipBlock (with its except).
+    assert!(probe(&t.ext, at(&t.be, 80)), "ipBlock admits 198.18.1.30");
+    assert!(!probe(&t.ext2, at(&t.be, 80)), "ipBlock except 198.18.1.31");
+    assert!(!probe(&t.ext, at(&t.db, 5432)), "db admits only backends");
+    // IPv6, same identities (the ipBlock is v4-only: ext is refused on v6).
+    assert!(probe(&t.fe, at6(&t.be, 80)), "v6 frontend -> backend");
+    assert!(!probe(&t.fe, at6(&t.db, 80)), "v6 frontend -> db");
+    assert!(!probe(&t.ext, at6(&t.be, 80)), "v6 external -> backend");
+    // 100 MB arrive byte-identical through an authorized flow.
+    let n = 100 << 20;
+    let got = fetch(&t.fe, at(&t.be, 80), n, Duration::from_secs(2));
+    assert_eq!(got.as_deref(), Some(expected_sha256(n).as_str()));
+
+    let l = &t.lab;
+    assert!(l.counter(1, "ingress_allowed") >= 3, "{}", l.stats(1));
+    assert!(l.counter(1, "ingress_denied") >= 2, "{}", l.stats(1));
+    assert!(l.counter(1, "ingress_denied_by_ip") >= 2, "{}", l.stats(1));
+    assert!(l.counter(0, "egress_denied") >= 1, "{}", l.stats(0));
+    assert!(l.counter(0, "egress_denied_by_ip") >= 1, "{}", l.stats(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_node_with_the_wrong_key_is_refused() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trwk{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = beer("w", &psk(&dir, "a.key", 1), &psk(&dir, "b.key", 2));
+    serve(&t.be, t.be.ip4, 80);
+    serve(&t.fe, t.fe.ip4, 80);
+    assert!(!probe(&t.fe, at(&t.be, 80)));
+    assert!(!probe(&t.be, at(&t.fe, 80)));
+    assert!(
+        t.lab.counter(1, "token_signature") >= 1,
+        "{}",
+        t.lab.stats(1)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn pki_nodes_and_a_foreign_ca() {
+    if skip() {
+        return;
+    }
+    use trireme_tokens::pki;
+    let dir = std::env::temp_dir().join(format!("trpki{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    pki::ca_init(&dir.join("ca"), "td.example", 30, false).unwrap();
+    pki::ca_init(&dir.join("evil"), "td.example", 30, false).unwrap();
+    pki::issue(&dir.join("ca"), "node-a", None, &dir.join("a"), 30, false).unwrap();
+    pki::issue(&dir.join("ca"), "node-b", None, &dir.join("b"), 30, false).unwrap();
+    pki::issue(&dir.join("evil"), "node-a", None, &dir.join("e"), 30, false).unwrap();
+    let keys = |who: &str, ca: &str| {
+        format!(
+            "{{pki: {{ca: {d}/{ca}/ca.pem, key: {d}/{who}/node-{n}.key, keyToken: {d}/{who}/node-{n}.keytoken}}}}",
+            d = dir.display(),
+            n = if who == "b" { "b" } else { "a" }
+        )
+    };
+    let t = beer("k", &keys("a", "ca"), &keys("b", "ca"));
+    serve(&t.be, t.be.ip4, 80);
+    serve(&t.fe, t.fe.ip4, 80);
+    assert!(probe(&t.fe, at(&t.be, 80)), "PKI frontend -> backend");
+    assert!(!probe(&t.fe, at(&t.be, 81)));
+    let n = 1 << 20;
+    let got = fetch(&t.fe, at(&t.be, 80), n, Duration::from_secs(2));
+    assert_eq!(got.as_deref(), Some(expected_sha256(n).as_str()));
+    drop(t);
+
+    // Node A's key and certificate from another CA: refused.
+    let t = beer("e", &keys("e", "evil"), &keys("b", "ca"));
+    serve(&t.be, t.be.ip4, 80);
+    assert!(!probe(&t.fe, at(&t.be, 80)), "foreign CA must be refused");
+    assert!(t.lab.counter(1, "dropped") >= 1, "{}", t.lab.stats(1));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn killed_runtime_fails_closed_restart_and_policy_update() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trkill{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = psk(&dir, "psk.key", 9);
+    let mut t = beer("r", &k, &k);
+    serve(&t.be, t.be.ip4, 80);
+    let mut established = open(&t.fe, at(&t.be, 80)).expect("allowed connection");
+    assert!(exchange(&mut established, 1000));
+
+    // Kill node B (the backend's enforcer) hard.
+    t.lab.kill(1);
+    assert!(
+        exchange(&mut established, 100_000),
+        "established flow continues"
+    );
+    assert!(!probe(&t.fe, at(&t.be, 80)), "new connection while down");
+    t.lab.restart(1);
+    assert!(probe(&t.fe, at(&t.be, 80)), "new connection after restart");
+
+    // Policy update: the backend now admits nobody.
+    let rs = t.lab.dir.join("rs.bin");
+    let deny = POLICIES
+        .replace(
+            "role: frontend}}}]\n    ports: [{port: 80}]",
+            "role: nobody}}}]\n    ports: [{port: 80}]",
+        )
+        .replace("198.18.1.0/24, except: [198.18.1.31/32]", "198.18.9.0/24");
+    let denied = t.lab.compile("deny.bin", &deny);
+    std::fs::copy(&denied, &rs).unwrap();
+    let mut before = open(&t.fe, at(&t.be, 80)).expect("allowed before the update");
+    t.lab.signal(1, Signal::SIGHUP);
+    t.lab.signal(0, Signal::SIGHUP);
+    let t0 = std::time::Instant::now();
+    while t.lab.counter(1, "policy_updates") == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no reload");
+    }
+    assert!(!probe(&t.fe, at(&t.be, 80)), "denied after the update");
+    // Documented: established flows keep running under the old decision.
+    assert!(
+        exchange(&mut before, 1000),
+        "established flow survives the update"
+    );
+    assert!(exchange(&mut established, 1000));
+    let _ = std::fs::remove_dir_all(&dir);
+}
