@@ -120,7 +120,7 @@ fn observed_matrix_equals_trireme_matrix() {
 
     let mut failures = Vec::new();
     let (mut allowed, mut denied) = (0, 0);
-    for k in 0..cases.len() {
+    for (k, case) in cases.iter().enumerate() {
         if k > 0 {
             m = expected(&lab, k);
             for r in 0..3 {
@@ -172,7 +172,7 @@ fn observed_matrix_equals_trireme_matrix() {
             }
         }
         if !bad.is_empty() {
-            failures.push(format!("{}:\n  {}", cases[k].name, bad.join("\n  ")));
+            failures.push(format!("{}:\n  {}", case.name, bad.join("\n  ")));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
