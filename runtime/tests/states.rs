@@ -1,0 +1,245 @@
+//! The handshake state machine on byte-exact packets, two enforcers
+//! in-process (no kernel): retransmissions, source-port reuse, simultaneous
+//! open, RST during the handshake, replayed ACKs, a bounded table and
+//! arbitrary bytes.
+
+use etherparse::PacketBuilder;
+use proptest::prelude::*;
+use std::collections::HashMap;
+use trireme_compiler::model::Identity;
+use trireme_compiler::ruleset::Ruleset;
+use trireme_runtime::enforcer::{Enforcer, Hook, Pu, Verdict};
+use trireme_tokens::handshake::{Config, Credentials, Engine};
+use trireme_tokens::keys::Psk;
+
+const A: [u8; 4] = [198, 18, 0, 1];
+const B: [u8; 4] = [198, 18, 0, 2];
+const NOW: u64 = 1_800_000_000_000;
+
+fn node(name: &str, role: &str, max_flows: usize) -> Enforcer {
+    let engine = Engine::new(
+        Config::new(name, "trireme"),
+        Credentials::Psk(Box::new(Psk::new(&[42; 32]).unwrap())),
+    )
+    .unwrap();
+    let none = std::collections::BTreeMap::<String, String>::new();
+    let mut id = Identity::for_pod("default", &none, &none);
+    id.insert("role", role);
+    let pus = vec![Pu::new(role, id, vec![])];
+    Enforcer::new(
+        engine,
+        pus,
+        Ruleset::new(vec![], vec![]),
+        HashMap::new(),
+        max_flows,
+        10_000,
+    )
+}
+
+/// A TCP packet from `src:sport` to `dst:dport` with SYN-like options.
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: &str, seq: u32) -> Vec<u8> {
+    let b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, seq, 64240);
+    let b = if flags.contains('S') { b.syn() } else { b };
+    let b = if flags.contains('A') { b.ack(1000) } else { b };
+    let b = if flags.contains('R') { b.rst() } else { b };
+    let b = b
+        .options(&[
+            etherparse::TcpOptionElement::MaximumSegmentSize(1460),
+            etherparse::TcpOptionElement::SelectiveAcknowledgementPermitted,
+            etherparse::TcpOptionElement::Noop,
+            etherparse::TcpOptionElement::WindowScale(7),
+        ])
+        .unwrap();
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).unwrap();
+    out
+}
+
+fn rewritten(v: Verdict) -> Vec<u8> {
+    match v {
+        Verdict::Rewrite(p) | Verdict::Authorize(Some(p)) => p,
+        other => panic!("expected a rewritten packet, got {other:?}"),
+    }
+}
+
+struct Hs {
+    syn: Vec<u8>,
+    synack: Vec<u8>,
+    ack: Vec<u8>,
+}
+
+fn packets(sport: u16) -> Hs {
+    Hs {
+        syn: tcp(A, sport, B, 80, "S", 1),
+        synack: tcp(B, 80, A, sport, "SA", 7),
+        ack: tcp(A, sport, B, 80, "A", 2),
+    }
+}
+
+/// Runs a full handshake; returns the verdicts the kernel would apply.
+fn handshake(a: &Enforcer, b: &Enforcer, p: &Hs, t: u64) -> (Verdict, Verdict) {
+    let syn = rewritten(a.handle(0, Hook::Out, &p.syn, t));
+    assert_ne!(syn, p.syn, "token attached");
+    let at_b = rewritten(b.handle(0, Hook::In, &syn, t));
+    assert_eq!(at_b, p.syn, "the server's stack sees the original SYN");
+    let synack = rewritten(b.handle(0, Hook::Out, &p.synack, t));
+    let at_a = rewritten(a.handle(0, Hook::In, &synack, t));
+    assert_eq!(at_a, p.synack);
+    let va = a.handle(0, Hook::Out, &p.ack, t);
+    let ack = match &va {
+        Verdict::Authorize(Some(p)) => p.clone(),
+        other => panic!("initiator should authorize on its ACK: {other:?}"),
+    };
+    let vb = b.handle(0, Hook::In, &ack, t);
+    (va, vb)
+}
+
+#[test]
+fn full_handshake_authorizes_both_sides_and_restores_packets() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    let p = packets(40000);
+    let (_, vb) = handshake(&a, &b, &p, NOW);
+    assert_eq!(vb, Verdict::Authorize(Some(p.ack.clone())));
+    assert_eq!(a.counters.get("authorized"), 1);
+    assert_eq!(b.counters.get("authorized"), 1);
+    // A segment queued behind the ACK before the mark took effect passes.
+    let data = tcp(A, 40000, B, 80, "A", 2);
+    assert_eq!(b.handle(0, Hook::In, &data, NOW), Verdict::Authorize(None));
+}
+
+#[test]
+fn retransmitted_syn_and_synack_are_recognised_not_replays() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    let p = packets(40001);
+    let syn1 = rewritten(a.handle(0, Hook::Out, &p.syn, NOW));
+    let syn2 = rewritten(a.handle(0, Hook::Out, &p.syn, NOW + 1000));
+    assert_eq!(syn1, syn2, "a retransmitted SYN carries the same token");
+    rewritten(b.handle(0, Hook::In, &syn1, NOW));
+    rewritten(b.handle(0, Hook::In, &syn2, NOW + 1000));
+    assert_eq!(b.counters.get("token_replay"), 0);
+    assert_eq!(b.counters.get("syn_retransmitted"), 1);
+    let sa1 = rewritten(b.handle(0, Hook::Out, &p.synack, NOW));
+    let sa2 = rewritten(b.handle(0, Hook::Out, &p.synack, NOW + 1000));
+    assert_eq!(sa1, sa2);
+    rewritten(a.handle(0, Hook::In, &sa1, NOW));
+    rewritten(a.handle(0, Hook::In, &sa2, NOW + 1000));
+    let ack = rewritten(a.handle(0, Hook::Out, &p.ack, NOW));
+    assert!(matches!(
+        b.handle(0, Hook::In, &ack, NOW),
+        Verdict::Authorize(Some(_))
+    ));
+    // The same token-carrying ACK again is refused.
+    assert_eq!(
+        b.handle(0, Hook::In, &ack, NOW),
+        Verdict::Drop("ack_replayed")
+    );
+}
+
+#[test]
+fn source_port_reuse_starts_a_fresh_handshake() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    let p = packets(40002);
+    handshake(&a, &b, &p, NOW);
+    // Same 4-tuple, a new connection a little later: a new nonce, accepted.
+    let (_, vb) = handshake(&a, &b, &p, NOW + 500);
+    assert!(matches!(vb, Verdict::Authorize(Some(_))));
+    assert_eq!(b.counters.get("token_replay"), 0);
+}
+
+#[test]
+fn rst_during_the_handshake_clears_the_flow() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    let p = packets(40003);
+    let syn1 = rewritten(a.handle(0, Hook::Out, &p.syn, NOW));
+    rewritten(b.handle(0, Hook::In, &syn1, NOW));
+    let rst = tcp(A, 40003, B, 80, "R", 2);
+    assert_eq!(a.handle(0, Hook::Out, &rst, NOW), Verdict::Accept);
+    assert_eq!(b.handle(0, Hook::In, &rst, NOW), Verdict::Accept);
+    // B forgot the SYN: an ACK now is not part of any handshake.
+    assert_eq!(
+        b.handle(0, Hook::Out, &p.synack, NOW),
+        Verdict::Drop("synack_without_flow")
+    );
+    // A reconnect on the same port gets a new nonce and goes through.
+    let syn2 = rewritten(a.handle(0, Hook::Out, &p.syn, NOW));
+    assert_ne!(syn1, syn2);
+    let (_, vb) = handshake(&a, &b, &packets(40003), NOW + 10);
+    assert!(matches!(vb, Verdict::Authorize(Some(_))));
+}
+
+#[test]
+fn simultaneous_open_never_authorizes_without_verification() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    // Both sides send a SYN on the same 4-tuple.
+    let syn_a = rewritten(a.handle(0, Hook::Out, &tcp(A, 5000, B, 5001, "S", 1), NOW));
+    let syn_b = rewritten(b.handle(0, Hook::Out, &tcp(B, 5001, A, 5000, "S", 9), NOW));
+    // Each receives the other's SYN: verified as a responder would.
+    rewritten(a.handle(0, Hook::In, &syn_b, NOW));
+    rewritten(b.handle(0, Hook::In, &syn_a, NOW));
+    // Each kernel answers with a SYN-ACK, which carries a token.
+    let sa_a = rewritten(a.handle(0, Hook::Out, &tcp(A, 5000, B, 5001, "SA", 1), NOW));
+    let sa_b = rewritten(b.handle(0, Hook::Out, &tcp(B, 5001, A, 5000, "SA", 9), NOW));
+    // Neither side is an initiator any more: refused cleanly.
+    for v in [
+        a.handle(0, Hook::In, &sa_b, NOW),
+        b.handle(0, Hook::In, &sa_a, NOW),
+    ] {
+        assert_eq!(v, Verdict::Drop("synack_unexpected"));
+    }
+    assert_eq!(
+        a.counters.get("authorized") + b.counters.get("authorized"),
+        0
+    );
+}
+
+#[test]
+fn unauthorized_segments_and_tokenless_acks_are_dropped() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    let p = packets(40004);
+    assert_eq!(
+        b.handle(0, Hook::In, &p.ack, NOW),
+        Verdict::Drop("unauthorized_flow")
+    );
+    let syn = rewritten(a.handle(0, Hook::Out, &p.syn, NOW));
+    rewritten(b.handle(0, Hook::In, &syn, NOW));
+    rewritten(b.handle(0, Hook::Out, &p.synack, NOW));
+    // An ACK without our token (a spoofer, or a peer that lost its state).
+    assert_eq!(
+        b.handle(0, Hook::In, &p.ack, NOW),
+        Verdict::Drop("ack_without_token")
+    );
+}
+
+#[test]
+fn the_table_is_bounded() {
+    let a = node("node-a", "client", 16);
+    for port in 0..1000u16 {
+        rewritten(a.handle(0, Hook::Out, &tcp(A, 10000 + port, B, 80, "S", 1), NOW));
+    }
+    let (len, evicted, _) = a.flow_stats();
+    assert_eq!(len, 16);
+    assert_eq!(evicted, 984);
+}
+
+#[test]
+fn handshake_state_expires() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    let p = packets(40005);
+    let syn = rewritten(a.handle(0, Hook::Out, &p.syn, NOW));
+    rewritten(b.handle(0, Hook::In, &syn, NOW));
+    // Past the 10 s handshake timeout the SYN-ACK finds no flow.
+    assert_eq!(
+        b.handle(0, Hook::Out, &p.synack, NOW + 10_001),
+        Verdict::Drop("synack_without_flow")
+    );
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), out in any::<bool>()) {
+        let a = node("node-a", "client", 16);
+        let hook = if out { Hook::Out } else { Hook::In };
+        let _ = a.handle(0, hook, &bytes, NOW);
+        let _ = a.handle(7, hook, &bytes, NOW);
+    }
+}
