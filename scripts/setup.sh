@@ -19,3 +19,23 @@ if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
     exit 1
   fi
 fi
+# The enforcer's tests and demo: network namespaces (iproute2, nsenter from
+# util-linux), iptables-nft for the rules, scapy for the replay test.
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v iptables-restore >/dev/null || need+=(iptables)
+/usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
+if [ ${#need[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  else
+    echo "setup: please install: ${need[*]}" >&2
+    exit 1
+  fi
+fi
+# Debian's iptables defaults to the nf_tables backend; make sure of it.
+if command -v update-alternatives >/dev/null && [ -e /usr/sbin/iptables-nft ]; then
+  update-alternatives --set iptables /usr/sbin/iptables-nft >/dev/null 2>&1 || true
+  update-alternatives --set ip6tables /usr/sbin/ip6tables-nft >/dev/null 2>&1 || true
+fi

@@ -136,7 +136,7 @@ enum State {
         synack: Arc<[u8]>,
         st: AwaitAck,
     },
-    /// Responder: authorized; packets queued behind the ACK before the
+    /// Authorized (either side); packets queued behind the ACK before the
     /// conntrack mark took effect pass.
     Done,
     /// Responder: this SYN was refused; its retransmissions are refused
@@ -579,12 +579,16 @@ impl Enforcer {
                 let Some(State::AckPending { ack, .. }) = t.remove(&key) else {
                     return Verdict::Drop("flow_state_lost");
                 };
+                // Segments the application sends right after connect() can
+                // be queued before the mark takes effect: they pass.
+                t.insert(key, State::Done, now_ms + 2_000, now_ms);
                 drop(t);
                 match packet::attach(pkt, &ack) {
                     Ok(p) => Verdict::Authorize(Some(p)),
                     Err(e) => Verdict::Drop(e.counter()),
                 }
             }
+            Some(State::Done) => Verdict::Authorize(None),
             _ => Verdict::Drop("unauthorized_flow"),
         }
     }

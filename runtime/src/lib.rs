@@ -7,6 +7,7 @@ pub mod counters;
 pub mod enforcer;
 pub mod firewall;
 pub mod flows;
+pub mod lab;
 pub mod node;
 pub mod packet;
 pub mod queue;

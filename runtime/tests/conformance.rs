@@ -76,7 +76,7 @@ fn observed_matrix_equals_trireme_matrix() {
         .map(|n| all.iter().find(|c| c.name == *n).expect(n))
         .collect();
 
-    let mut lab = Lab::new("c");
+    let mut lab = lab("c");
     let cluster = lab.write("cluster.yaml", &cluster_yaml());
     let mut hosts = Vec::new();
     for (i, ns) in NS.iter().enumerate() {

@@ -67,7 +67,7 @@ fn pu(name: &str, h: &Host, role: &str) -> String {
 /// Two nodes: A runs the frontend, B the backend and the database; ext
 /// and ext2 enforce nothing.
 fn beer(tag: &str, keys_a: &str, keys_b: &str) -> Beer {
-    let mut lab = Lab::new(tag);
+    let mut lab = lab(tag);
     let fe = lab.host("fe", "198.18.1.10", "fd00::1:10");
     let be = lab.host("be", "198.18.1.20", "fd00::1:20");
     let db = lab.host("db", "198.18.1.40", "fd00::1:40");
