@@ -52,6 +52,13 @@ pub struct Runtime {
     child: Option<Child>,
 }
 
+impl Runtime {
+    /// The running process id (0 if stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+}
+
 pub struct Lab {
     pub id: String,
     /// The `trireme-runtime` binary to start.
@@ -138,6 +145,11 @@ impl Lab {
             ip4: ip4.parse().unwrap(),
             ip6: ip6.parse().unwrap(),
         }
+    }
+
+    /// Delete this namespace with the lab.
+    pub fn adopt(&mut self, ns: &str) {
+        self.hosts.push(ns.to_string());
     }
 
     pub fn bridge_ns(&self) -> &str {
