@@ -85,8 +85,8 @@ fn per_packet() {
         eb.local_token(&pb, now_s).unwrap(),
     );
     const N: usize = 20_000;
-    let mut ours: Vec<Vec<f64>> = vec![Vec::with_capacity(N); 6];
-    let mut crypto: Vec<Vec<f64>> = vec![Vec::with_capacity(N); 6];
+    let mut ours: Vec<Vec<f64>> = (0..6).map(|_| Vec::with_capacity(N)).collect();
+    let mut crypto: Vec<Vec<f64>> = (0..6).map(|_| Vec::with_capacity(N)).collect();
     let (sa, sb) = ([198, 18, 0, 1], [198, 18, 0, 2]);
     for i in 0..N {
         let port = 10000 + (i % 50000) as u16;
