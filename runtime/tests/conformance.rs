@@ -2,7 +2,8 @@
 //! 80/TCP) built for real: nine PU namespaces on three nodes (one runtime
 //! per Kubernetes namespace), probed pair by pair with real TCP. For each
 //! case the observed matrix must equal `trireme matrix` on the same
-//! snapshot. Needs root.
+//! snapshot. Each node spreads its flows over two queues per namespace
+//! (NFQUEUE balance), so the shared flow table is exercised too. Needs root.
 
 mod common;
 use common::*;
@@ -103,7 +104,7 @@ fn observed_matrix_equals_trireme_matrix() {
     let mut m = expected(&lab, 0);
     for (i, ns) in NS.iter().enumerate() {
         let mut cfg = format!(
-            "node: node-{ns}\nruleset: {}\nkeys: {{psk: {}}}\npus:\n",
+            "node: node-{ns}\nqueues: 2\nruleset: {}\nkeys: {{psk: {}}}\npus:\n",
             rs.display(),
             psk.display()
         );
