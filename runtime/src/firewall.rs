@@ -9,9 +9,9 @@
 //!
 //! Per family, in the PU's namespace, chains `TRIREME-IN` (hooked first
 //! in INPUT) and `TRIREME-OUT` (first in OUTPUT):
-//! 1. packets we authorized (nfmark bit, re-injected by NF_REPEAT) set
+//! 1. flows with the conntrack mark bit pass: the kernel carries them;
+//! 2. packets we authorized (nfmark bit, re-injected by NF_REPEAT) set
 //!    the conntrack mark bit and pass;
-//! 2. flows with the conntrack mark bit pass: the kernel carries them;
 //! 3. loopback, TCP RSTs and ICMP pass (ICMPv6 carries neighbour discovery);
 //! 4. all other TCP, and new flows of other protocols, go to NFQUEUE,
 //!    with no bypass: if no enforcer listens they are dropped (fail-closed);
@@ -54,6 +54,11 @@ pub fn render(v6: bool, o: &Options) -> String {
     let icmp = if v6 { "ipv6-icmp" } else { "icmp" };
     for (chain, lo) in [(CHAIN_IN, "-i lo"), (CHAIN_OUT, "-o lo")] {
         let r = |s: &mut String, rule: &str| *s += &format!("-A {chain} {rule}\n");
+        // Authorized flows first: almost every packet stops at this rule.
+        r(
+            &mut s,
+            &format!("-m connmark --mark {CT_MARK:#x}/{CT_MARK:#x} -j ACCEPT"),
+        );
         r(
             &mut s,
             &format!(
@@ -63,10 +68,6 @@ pub fn render(v6: bool, o: &Options) -> String {
         r(
             &mut s,
             &format!("-m mark --mark {AUTH_MARK:#x}/{AUTH_MARK:#x} -j ACCEPT"),
-        );
-        r(
-            &mut s,
-            &format!("-m connmark --mark {CT_MARK:#x}/{CT_MARK:#x} -j ACCEPT"),
         );
         r(&mut s, &format!("{lo} -j ACCEPT"));
         r(&mut s, "-p tcp --tcp-flags RST RST -j ACCEPT");

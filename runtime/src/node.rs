@@ -121,6 +121,7 @@ pub fn start(
                 netns: netns.clone(),
                 queue: q,
                 max_len: 4096,
+                spin_us: cfg.spin_micros,
             };
             handles.push(queue::spawn(w, enforcer.clone(), stop.clone())?);
         }
