@@ -13,6 +13,7 @@ failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 # The benchmark binary must keep building (it is run by hand: see README).
 cargo bench -p trireme-compiler --bench perf --no-run --quiet
 cargo bench -p trireme-tokens --bench tokens --no-run --quiet
+cargo bench -p trireme-runtime --bench enforcer --no-run --quiet
 bash scripts/demo.sh > target/demo.out 2>&1 || { cat target/demo.out; exit 1; }
 echo "demo: ok"
 echo "tests: $passed passed, $failed failed"
