@@ -16,6 +16,9 @@ $T inspect "$out/apobeer.out"
 $T check --ruleset "$out/apobeer.out" -f testdata/apobeer/cluster.yaml --from beer/frontend --to beer/backend --port 80/TCP
 $T check --ruleset "$out/apobeer.out" -f testdata/apobeer/cluster.yaml --from beer/external --to beer/backend --port 80/TCP || echo "(exit $?: denied, as the policy intends)"
 $T matrix -f testdata/three-tier --port 80/TCP --port 8080/TCP
+$T test testdata/tests/apobeer.yaml testdata/tests/three-tier.yaml
+sed 's/role: frontend/role: external/' testdata/apobeer/policy.yaml > "$out/changed.yaml"
+$T diff testdata/apobeer/policy.yaml "$out/changed.yaml" -f testdata/apobeer/cluster.yaml || echo "(exit $?: flows changed)"
 set +x
 if [ "$(id -u)" -eq 0 ]; then
   target/release/trireme-demo testdata/apobeer testdata/three-tier

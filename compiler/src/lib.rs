@@ -3,9 +3,11 @@
 //! Data flows one way: `source` (YAML inputs) → `model` → `compile` →
 //! `ruleset` (the portable artifact) → `eval` (decisions) → `matrix`.
 
+pub mod assertions;
 pub mod cluster;
 pub mod compile;
 pub mod diag;
+pub mod diff;
 pub mod eval;
 pub mod explain;
 pub mod inspect;

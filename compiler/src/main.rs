@@ -66,6 +66,32 @@ enum Cmd {
     },
     /// Print a compiled ruleset in readable form.
     Inspect { ruleset: PathBuf },
+    /// Run policy test files (expectations over a snapshot). Exit 0 all
+    /// passed, 1 some failed, 2 a file could not be run.
+    Test {
+        files: Vec<PathBuf>,
+        /// Also write the results as JUnit XML here.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Print every expectation, not only failures.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Flows of a snapshot whose verdict changes from OLD to NEW (policy
+    /// files/directories or compiled rulesets). Exit 0 unchanged, 1 changed.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// Cluster snapshot (namespaces and pods).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// PORT[/PROTOCOL] (repeatable); default: every declared container
+        /// port and every port either side names.
+        #[arg(long = "port", value_parser = parse_port)]
+        ports: Vec<(u16, Protocol)>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
     /// Cluster CA and node credentials for PKI mode.
     Pki {
         #[command(subcommand)]
@@ -212,6 +238,21 @@ fn endpoint<'a>(p: &Party<'a>) -> Endpoint<'a> {
     }
 }
 
+/// A policy side of a diff: a compiled ruleset file, or YAML inputs.
+fn policy_side(path: &PathBuf) -> Result<Ruleset, Failed> {
+    let yaml = path.is_dir()
+        || matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        );
+    if yaml {
+        let loaded = source::load(std::slice::from_ref(path)).map_err(fail)?;
+        Ok(compile::compile(&loaded))
+    } else {
+        read_ruleset(path)
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode, Failed> {
     match cli.cmd {
         Cmd::Compile { files, output } => {
@@ -320,6 +361,114 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 PkiCmd::Inspect { file } => print!("{}", pki::inspect(&file).map_err(err)?),
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Test {
+            files,
+            junit,
+            verbose,
+        } => {
+            use trireme_compiler::assertions;
+            if files.is_empty() {
+                return Err(fail("error: no test files given"));
+            }
+            let mut reports = Vec::new();
+            let mut broken = false;
+            for f in &files {
+                match assertions::run(f) {
+                    Ok(r) => reports.push(r),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        broken = true;
+                    }
+                }
+            }
+            let (mut passed, mut failed) = (0, 0);
+            for r in &reports {
+                for o in &r.outcomes {
+                    let e = &o.expectation;
+                    if o.passed() {
+                        passed += 1;
+                        if verbose {
+                            println!(
+                                "ok    {}:{}: {}: {}",
+                                r.file,
+                                e.line,
+                                e.text,
+                                assertions::verdict(e.allow)
+                            );
+                        }
+                        continue;
+                    }
+                    failed += 1;
+                    match &o.result {
+                        Ok(a) => println!(
+                            "FAIL  {}:{}: {}: expected {}, got {}",
+                            r.file,
+                            e.line,
+                            e.text,
+                            assertions::verdict(e.allow),
+                            assertions::verdict(*a)
+                        ),
+                        Err(m) => println!("FAIL  {}:{}: {}: {m}", r.file, e.line, e.text),
+                    }
+                    for line in &o.why {
+                        println!("        {line}");
+                    }
+                }
+            }
+            println!("{passed} passed, {failed} failed");
+            if let Some(path) = junit {
+                std::fs::write(&path, assertions::junit(&reports))
+                    .map_err(|e| fail(format!("error: {}: {e}", path.display())))?;
+            }
+            Ok(if broken {
+                ExitCode::from(2)
+            } else if failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Cmd::Diff {
+            old,
+            new,
+            files,
+            ports,
+            output,
+        } => {
+            use trireme_compiler::diff;
+            let (ro, rn) = (policy_side(&old)?, policy_side(&new)?);
+            let loaded = source::load(&files).map_err(fail)?;
+            if !loaded.policies.is_empty() {
+                return Err(fail(format!(
+                    "error: -f should hold only the cluster snapshot; it also contains {} policies",
+                    loaded.policies.len()
+                )));
+            }
+            let ports = if ports.is_empty() {
+                diff::default_ports(&loaded.cluster, &[&ro, &rn])
+            } else {
+                ports
+            };
+            if ports.is_empty() {
+                return Err(fail(
+                    "error: no ports to compare: the snapshot declares none and no rule names one; pass --port",
+                ));
+            }
+            let changes = diff::compute(&ro, &rn, &loaded.cluster, &ports);
+            let stdout = std::io::stdout();
+            let mut out = BufWriter::new(stdout.lock());
+            let res = match output {
+                Format::Text => diff::write_text(&changes, ports.len(), &mut out),
+                Format::Json => diff::write_json(&changes, &mut out),
+            };
+            res.and_then(|_| out.flush())
+                .map_err(|e| fail(format!("error: writing output: {e}")))?;
+            Ok(if changes.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Cmd::Inspect { ruleset } => {
             let rs = read_ruleset(&ruleset)?;
