@@ -327,6 +327,11 @@ fn not_a_workload(direction: Direction) -> DirectionVerdict {
     }
 }
 
+/// Whether a rule's ports and its peers match, separately (for `explain`).
+pub fn rule_parts(r: &Rule, peer: &Endpoint<'_>, flow: &Flow<'_>) -> (bool, bool) {
+    (ports_match(&r.ports, flow), peers_match(&r.peers, peer))
+}
+
 fn rule_matches(r: &Rule, peer: &Endpoint<'_>, flow: &Flow<'_>) -> bool {
     ports_match(&r.ports, flow) && peers_match(&r.peers, peer)
 }

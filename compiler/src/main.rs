@@ -51,6 +51,22 @@ enum Cmd {
         /// PORT[/PROTOCOL], protocol TCP (default), UDP or SCTP.
         #[arg(long, value_parser = parse_port)]
         port: (u16, Protocol),
+        /// Walk the decision tier by tier and rule by rule (= `trireme explain`).
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// `check -v`: why a connection is allowed or denied, rule by rule.
+    Explain {
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        ruleset: Option<PathBuf>,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_parser = parse_port)]
+        port: (u16, Protocol),
     },
     /// Reachability of every ordered pair of pods in the snapshot.
     Matrix {
@@ -275,12 +291,29 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Explain {
+            files,
+            ruleset,
+            from,
+            to,
+            port,
+        } => run(Cli {
+            cmd: Cmd::Check {
+                files,
+                ruleset,
+                from,
+                to,
+                port,
+                verbose: true,
+            },
+        }),
         Cmd::Check {
             files,
             ruleset,
             from,
             to,
             port,
+            verbose,
         } => {
             let (rs, cluster) = ruleset_and_cluster(&files, ruleset.as_ref())?;
             let (src, dst) = (party(&cluster, &from)?, party(&cluster, &to)?);
@@ -298,7 +331,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 port.1,
                 if d.allowed { "ALLOWED" } else { "DENIED" }
             );
-            for line in explain::decision(&rs, &d, &from, &to) {
+            let lines = if verbose {
+                explain::walk(&ev, &flow, &from, &to)
+            } else {
+                explain::decision(&rs, &d, &from, &to)
+            };
+            for line in lines {
                 println!("  {line}");
             }
             Ok(if d.allowed {

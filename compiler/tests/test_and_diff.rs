@@ -226,3 +226,46 @@ fn diff_error_paths() {
         text(&o)
     );
 }
+
+#[test]
+fn explain_walks_rule_by_rule() {
+    let r = repo();
+    let dir = format!("{}/testdata/three-tier", r.display());
+    let o = trireme(&[
+        "explain",
+        "-f",
+        &dir,
+        "--from",
+        "demo/frontend",
+        "--to",
+        "demo/backend",
+        "--port",
+        "8080",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains(
+            "ingress at demo/backend:\n    namespace tier:\n      NetworkPolicy demo/backend"
+        ),
+        "{t}"
+    );
+    assert!(t.contains("rule #1 (allow) at "), "{t}");
+    assert!(t.contains(": matches -> allow"), "{t}");
+    assert!(t.contains("verdict: ALLOWED"), "{t}");
+    // A port mismatch is told apart from a peer mismatch.
+    let o = trireme(&[
+        "check",
+        "-v",
+        "-f",
+        &dir,
+        "--from",
+        "demo/frontend",
+        "--to",
+        "demo/backend",
+        "--port",
+        "9090",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("ports do not match"), "{}", text(&o));
+}
