@@ -117,7 +117,7 @@ pub fn walk(ev: &Evaluator<'_>, flow: &Flow<'_>, from: &str, to: &str) -> Vec<St
                 out.push(format!("  {} tier:", p.tier));
             }
             shown += 1;
-            let prio = if p.tier == Tier::Namespace {
+            let prio = if p.tier != Tier::Admin {
                 String::new()
             } else {
                 format!(", priority {}", p.priority)

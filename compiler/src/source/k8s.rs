@@ -21,21 +21,21 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-struct V<'a, 'b> {
-    ctx: &'a ObjCtx<'b>,
-    diags: &'a mut Vec<Diagnostic>,
+pub(super) struct V<'a, 'b> {
+    pub(super) ctx: &'a ObjCtx<'b>,
+    pub(super) diags: &'a mut Vec<Diagnostic>,
 }
 
 impl V<'_, '_> {
-    fn err(&mut self, path: &[Seg], msg: impl Into<String>) {
+    pub(super) fn err(&mut self, path: &[Seg], msg: impl Into<String>) {
         self.diags.push(Diagnostic::at(self.ctx.loc(path), msg));
     }
 
-    fn key_err(&mut self, path: &[Seg], msg: impl Into<String>) {
+    pub(super) fn key_err(&mut self, path: &[Seg], msg: impl Into<String>) {
         self.diags.push(Diagnostic::at(self.ctx.key_loc(path), msg));
     }
 
-    fn source(&self, path: &[Seg]) -> SourceRef {
+    pub(super) fn source(&self, path: &[Seg]) -> SourceRef {
         let loc = self.ctx.loc(path);
         SourceRef {
             file: self.ctx.file_index,
@@ -44,7 +44,7 @@ impl V<'_, '_> {
         }
     }
 
-    fn name(&mut self, meta: &ObjectMeta, kind: &str) -> Option<String> {
+    pub(super) fn name(&mut self, meta: &ObjectMeta, kind: &str) -> Option<String> {
         match meta.name.as_deref() {
             None | Some("") => {
                 if meta.generate_name.is_some() {
@@ -103,7 +103,7 @@ impl V<'_, '_> {
 
     /// A label selector, with keys optionally moved under a system prefix
     /// (namespace selectors select on `@ns:` labels).
-    fn selector(&mut self, sel: &LabelSelector, base: &[Seg], prefix: &str) -> Selector {
+    pub(super) fn selector(&mut self, sel: &LabelSelector, base: &[Seg], prefix: &str) -> Selector {
         let mut reqs = Vec::new();
         let at = |extra: Vec<Seg>| {
             let mut p = base.to_vec();
@@ -169,7 +169,7 @@ impl V<'_, '_> {
         Selector::new(reqs)
     }
 
-    fn protocol(&mut self, p: Option<&str>, path: &[Seg]) -> Protocol {
+    pub(super) fn protocol(&mut self, p: Option<&str>, path: &[Seg]) -> Protocol {
         match p {
             None => Protocol::Tcp,
             Some(s) => match s {
@@ -236,7 +236,7 @@ impl V<'_, '_> {
         PortRule { protocol, port: pm }
     }
 
-    fn port_number(&mut self, p: i32, path: &[Seg]) -> u16 {
+    pub(super) fn port_number(&mut self, p: i32, path: &[Seg]) -> u16 {
         if (1..=65535).contains(&p) {
             p as u16
         } else {
@@ -245,7 +245,7 @@ impl V<'_, '_> {
         }
     }
 
-    fn cidr(&mut self, s: &str, path: &[Seg]) -> Option<IpNet> {
+    pub(super) fn cidr(&mut self, s: &str, path: &[Seg]) -> Option<IpNet> {
         match s.parse::<IpNet>() {
             Ok(n) => Some(n.trunc()),
             Err(_) => {

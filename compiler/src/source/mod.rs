@@ -2,6 +2,7 @@
 //! snapshot (namespaces, pods) and model policies, or rejected with
 //! located diagnostics. Nothing downstream sees an unvalidated object.
 
+mod admin;
 mod k8s;
 pub mod yaml;
 
@@ -29,6 +30,8 @@ pub struct Loaded {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     NetworkPolicy,
+    AdminNetworkPolicy,
+    BaselineAdminNetworkPolicy,
     Namespace,
     Pod,
     List,
@@ -38,6 +41,15 @@ impl Kind {
     fn from(api_version: &str, kind: &str) -> Result<Kind, String> {
         match (api_version, kind) {
             ("networking.k8s.io/v1", "NetworkPolicy") => Ok(Kind::NetworkPolicy),
+            ("policy.networking.k8s.io/v1alpha1", "AdminNetworkPolicy") => {
+                Ok(Kind::AdminNetworkPolicy)
+            }
+            ("policy.networking.k8s.io/v1alpha1", "BaselineAdminNetworkPolicy") => {
+                Ok(Kind::BaselineAdminNetworkPolicy)
+            }
+            (_, "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy") => Err(format!(
+                "{kind} must have apiVersion policy.networking.k8s.io/v1alpha1, not {api_version:?}"
+            )),
             ("v1", "Namespace") => Ok(Kind::Namespace),
             ("v1", "Pod") => Ok(Kind::Pod),
             ("v1", "List") => Ok(Kind::List),
@@ -48,7 +60,7 @@ impl Kind {
                 "{kind} must have apiVersion v1, not {api_version:?}"
             )),
             _ => Err(format!(
-                "unsupported kind {kind:?} (apiVersion {api_version:?}); trireme reads NetworkPolicy (networking.k8s.io/v1), Namespace (v1), Pod (v1) and List (v1)"
+                "unsupported kind {kind:?} (apiVersion {api_version:?}); trireme reads NetworkPolicy (networking.k8s.io/v1), AdminNetworkPolicy and BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1), Namespace (v1), Pod (v1) and List (v1)"
             )),
         }
     }
@@ -56,6 +68,7 @@ impl Kind {
 
 enum Object {
     NetworkPolicy(Box<NetworkPolicy>),
+    Admin(admin::AdminKind, Box<admin::AdminPolicy>),
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
 }
@@ -68,6 +81,14 @@ impl<'de> DeserializeSeed<'de> for ObjSeed {
         use serde::Deserialize;
         Ok(match self.0 {
             Kind::NetworkPolicy => Object::NetworkPolicy(Box::new(NetworkPolicy::deserialize(d)?)),
+            Kind::AdminNetworkPolicy => Object::Admin(
+                admin::AdminKind::Admin,
+                Box::new(admin::AdminPolicy::deserialize(d)?),
+            ),
+            Kind::BaselineAdminNetworkPolicy => Object::Admin(
+                admin::AdminKind::Baseline,
+                Box::new(admin::AdminPolicy::deserialize(d)?),
+            ),
             Kind::Namespace => Object::Namespace(Box::new(Namespace::deserialize(d)?)),
             Kind::Pod => Object::Pod(Box::new(Pod::deserialize(d)?)),
             Kind::List => {
@@ -286,6 +307,21 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, Diagnostics> {
                         }
                         match key {
                             Some((ns, n)) => ("NetworkPolicy", ns, n, ctx.loc(&[])),
+                            None => continue,
+                        }
+                    }
+                    Object::Admin(k, ap) => {
+                        let p = admin::admin_policy(&ctx, *k, ap, &mut diags);
+                        let kind_name = match k {
+                            admin::AdminKind::Admin => "AdminNetworkPolicy",
+                            admin::AdminKind::Baseline => "BaselineAdminNetworkPolicy",
+                        };
+                        let key = p.as_ref().map(|p| p.name.name.clone());
+                        if let (Some(p), true) = (p, diags.len() == before) {
+                            loaded.policies.push(p);
+                        }
+                        match key {
+                            Some(n) => (kind_name, String::new(), n, ctx.loc(&[])),
                             None => continue,
                         }
                     }

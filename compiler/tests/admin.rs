@@ -1,0 +1,123 @@
+//! AdminNetworkPolicy / BaselineAdminNetworkPolicy: the precedence
+//! scenarios under testdata/admin (run through `trireme test`), and every
+//! validation error at its field.
+
+use std::path::Path;
+use std::process::Command;
+
+fn trireme(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_trireme"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn precedence_scenarios_pass() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/admin");
+    let mut files: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.ok()?.path().join("test.yaml");
+            p.exists().then(|| p.display().to_string())
+        })
+        .collect();
+    files.sort();
+    assert!(files.len() >= 7);
+    let mut args = vec!["test"];
+    args.extend(files.iter().map(String::as_str));
+    let o = trireme(&args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+}
+
+fn compile_err(yaml: &str) -> String {
+    let d = std::env::temp_dir().join(format!("tradmin{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join(format!("p{}.yaml", yaml.len()));
+    std::fs::write(&p, yaml).unwrap();
+    let o = trireme(&[
+        "compile",
+        "-f",
+        p.to_str().unwrap(),
+        "-o",
+        d.join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "accepted:\n{yaml}");
+    String::from_utf8_lossy(&o.stderr).replace(&format!("{}", p.display()), "F")
+}
+
+const ANP: &str = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\n";
+const BANP: &str =
+    "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\n";
+
+#[test]
+fn validation_errors_point_at_the_field() {
+    let cases: &[(String, &str)] = &[
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1001\n  subject: {{namespaces: {{}}}}\n"),
+            "F:5:13: error: priority 1001 is out of range (0-1000)",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  subject: {{namespaces: {{}}}}\n"),
+            "needs spec.priority",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}, pods: {{namespaceSelector: {{}}, podSelector: {{}}}}}}\n"),
+            "exactly one of namespaces or pods",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Maybe\n    from: [{{namespaces: {{}}}}]\n"),
+            "F:8:13: error: unknown action \"Maybe\"",
+        ),
+        (
+            format!("{BANP}metadata: {{name: default}}\nspec:\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Pass\n    from: [{{namespaces: {{}}}}]\n"),
+            "a BaselineAdminNetworkPolicy allows Allow or Deny",
+        ),
+        (
+            format!("{BANP}metadata: {{name: other}}\nspec:\n  subject: {{namespaces: {{}}}}\n"),
+            "must be named \"default\"",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Deny\n    from: [{{networks: [10.0.0.0/8]}}]\n"),
+            "allowed in egress rules only",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Deny\n    to: [{{nodes: {{}}}}]\n"),
+            "`nodes` peers are not supported",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Deny\n    to: [{{networks: [10.0.0.1]}}]\n"),
+            "is not a CIDR",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Deny\n    from: [{{namespaces: {{}}}}]\n    ports: [{{portRange: {{start: 90, end: 80}}}}]\n"),
+            "end 80 must be greater than start 90",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Deny\n    from: []\n"),
+            "`from` must list 1 to 100 peers",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a, namespace: x}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n"),
+            "cluster-scoped",
+        ),
+        (
+            "apiVersion: policy.networking.k8s.io/v1\nkind: AdminNetworkPolicy\nmetadata: {name: a}\n".to_string(),
+            "must have apiVersion policy.networking.k8s.io/v1alpha1",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingres: []\n"),
+            "unknown field `ingres`",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let err = compile_err(yaml);
+        assert!(err.contains(want), "want {want:?} in:\n{err}\nfor:\n{yaml}");
+    }
+}
