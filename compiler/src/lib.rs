@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod matrix;
 pub mod model;
 pub mod names;
+pub mod rules;
 pub mod ruleset;
 pub mod source;
 pub mod subjects;

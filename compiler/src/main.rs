@@ -33,6 +33,19 @@ enum Cmd {
         /// Where to write the compiled ruleset.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
+        /// Treat lint warnings (rule-language files) as errors.
+        #[arg(long)]
+        deny_warnings: bool,
+    },
+    /// Print rule-language files (`.trireme`) in canonical form.
+    Fmt {
+        files: Vec<PathBuf>,
+        /// Rewrite the files in place.
+        #[arg(short, long)]
+        write: bool,
+        /// Exit 1 if a file is not in canonical form (for CI).
+        #[arg(long)]
+        check: bool,
     },
     /// May one workload reach another? Exit 0 allowed, 1 denied, 2 error.
     Check {
@@ -254,12 +267,19 @@ fn endpoint<'a>(p: &Party<'a>) -> Endpoint<'a> {
     }
 }
 
+fn warning(d: &trireme_compiler::diag::Diagnostic) -> String {
+    match &d.location {
+        Some(l) => format!("{l}: warning: {}", d.message),
+        None => format!("warning: {}", d.message),
+    }
+}
+
 /// A policy side of a diff: a compiled ruleset file, or YAML inputs.
 fn policy_side(path: &PathBuf) -> Result<Ruleset, Failed> {
     let yaml = path.is_dir()
         || matches!(
             path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
+            Some("yaml" | "yml" | "json" | "trireme")
         );
     if yaml {
         let loaded = source::load(std::slice::from_ref(path)).map_err(fail)?;
@@ -271,8 +291,21 @@ fn policy_side(path: &PathBuf) -> Result<Ruleset, Failed> {
 
 fn run(cli: Cli) -> Result<ExitCode, Failed> {
     match cli.cmd {
-        Cmd::Compile { files, output } => {
+        Cmd::Compile {
+            files,
+            output,
+            deny_warnings,
+        } => {
             let loaded = source::load(&files).map_err(fail)?;
+            for w in &loaded.warnings {
+                eprintln!("{}", warning(w));
+            }
+            if deny_warnings && !loaded.warnings.is_empty() {
+                return Err(fail(format!(
+                    "error: {} warning(s) and --deny-warnings",
+                    loaded.warnings.len()
+                )));
+            }
             let rs = compile::compile(&loaded);
             let bytes = rs.encode();
             // Write beside the target and rename: never leave a half-written ruleset.
@@ -399,6 +432,58 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 PkiCmd::Inspect { file } => print!("{}", pki::inspect(&file).map_err(err)?),
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fmt {
+            files,
+            write,
+            check,
+        } => {
+            if files.is_empty() {
+                return Err(fail("error: no files given"));
+            }
+            let mut changed = 0;
+            let mut broken = false;
+            for f in &files {
+                let text = match std::fs::read_to_string(f) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("error: {}: {e}", f.display());
+                        broken = true;
+                        continue;
+                    }
+                };
+                let name: std::sync::Arc<str> = std::sync::Arc::from(f.display().to_string());
+                match trireme_compiler::rules::format_text(&name, &text) {
+                    Ok(out) if write => {
+                        if out != text {
+                            changed += 1;
+                            std::fs::write(f, &out)
+                                .map_err(|e| fail(format!("error: {}: {e}", f.display())))?;
+                            println!("formatted {}", f.display());
+                        }
+                    }
+                    Ok(out) if check => {
+                        if out != text {
+                            changed += 1;
+                            println!("{}: not in canonical form", f.display());
+                        }
+                    }
+                    Ok(out) => print!("{out}"),
+                    Err(ds) => {
+                        for d in ds {
+                            eprintln!("{d}");
+                        }
+                        broken = true;
+                    }
+                }
+            }
+            Ok(if broken {
+                ExitCode::from(2)
+            } else if check && changed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Cmd::Test {
             files,

@@ -25,6 +25,8 @@ pub struct Loaded {
     pub files: Vec<String>,
     pub cluster: Cluster,
     pub policies: Vec<Policy>,
+    /// Lints (rule-language files); `--deny-warnings` makes them errors.
+    pub warnings: Vec<Diagnostic>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -200,7 +202,7 @@ impl ObjCtx<'_> {
 }
 
 /// Expands `-f` arguments: files as given, directories recursively
-/// (`*.yaml`, `*.yml`, `*.json`), sorted and deduplicated.
+/// (`*.yaml`, `*.yml`, `*.json`, `*.trireme`), sorted and deduplicated.
 pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostics> {
     let mut out = Vec::new();
     let mut diags = Vec::new();
@@ -239,7 +241,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, diags: &mut Vec<Diagnostic>) {
             walk(&p, out, diags);
         } else if matches!(
             p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
+            Some("yaml" | "yml" | "json" | "trireme")
         ) {
             out.push(p);
         }
@@ -273,6 +275,32 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, Diagnostics> {
                 continue;
             }
         };
+        if path.extension().is_some_and(|e| e == "trireme") {
+            match crate::rules::load(&file, &text, fi as u32) {
+                Ok(r) => {
+                    for p in r.policies {
+                        let loc = Location {
+                            file: file.clone(),
+                            line: p.source.line,
+                            col: p.source.col,
+                        };
+                        let key = ("Policy", String::new(), p.name.name.clone());
+                        if let Some(first) = seen.get(&key) {
+                            diags.push(
+                                Diagnostic::at(loc, format!("duplicate Policy {}", p.name.name))
+                                    .with_note(first.clone(), "first defined here"),
+                            );
+                            continue;
+                        }
+                        seen.insert(key, loc);
+                        loaded.policies.push(p);
+                    }
+                    loaded.warnings.extend(r.warnings);
+                }
+                Err(ds) => diags.extend(ds),
+            }
+            continue;
+        }
         let docs = match yaml::index(&file, &text) {
             Ok(d) => d,
             Err(d) => {
