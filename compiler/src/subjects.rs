@@ -53,13 +53,36 @@ impl SubjectIndex {
         let mut grouped: std::collections::BTreeMap<(u32, u32), Vec<(u32, usize)>> =
             Default::default();
         let mut unanchored = Vec::new();
+        // How many subjects require each (key, value): a policy is anchored
+        // on its most selective equality, so that label-based policies
+        // (`team = x, app = y` across namespaces) land in small buckets.
+        let mut popularity: HashMap<(&str, &str), u32> = HashMap::default();
+        for p in policies {
+            for r in p
+                .subject
+                .requirements
+                .iter()
+                .filter(|r| r.op == Operator::In)
+            {
+                for v in &r.values {
+                    *popularity.entry((&r.key, v)).or_default() += 1;
+                }
+            }
+        }
         for (pi, p) in policies.iter().enumerate() {
             let reqs = &p.subject.requirements;
             let anchor = reqs
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| r.op == Operator::In)
-                .min_by_key(|(_, r)| (r.key != NAMESPACE_KEY, r.values.len()));
+                .min_by_key(|(_, r)| {
+                    let size: u32 = r
+                        .values
+                        .iter()
+                        .map(|v| popularity[&(r.key.as_str(), v.as_str())])
+                        .sum();
+                    (size, r.key != NAMESPACE_KEY)
+                });
             match anchor {
                 Some((ai, r)) => {
                     let k = ix.intern(&r.key);
