@@ -128,6 +128,11 @@ enum State {
     /// Initiator: SYN-ACK verified and allowed; the ACK payload waits for
     /// the kernel's ACK.
     AckPending { synack: Vec<u8>, ack: Vec<u8> },
+    /// Initiator: the ACK token went out. The flow is authorized here only
+    /// when the responder's first segment arrives (proof that the ACK got
+    /// through): if the ACK is lost, the responder re-sends its SYN-ACK, our
+    /// kernel answers with another ACK, and that ACK carries the token again.
+    AckSent { synack: Vec<u8>, ack: Vec<u8> },
     /// Responder: SYN verified and allowed.
     SynReceived { syn: Vec<u8>, st: SynReceived },
     /// Responder: SYN-ACK sent, waiting for the ACK.
@@ -136,9 +141,10 @@ enum State {
         synack: Arc<[u8]>,
         st: AwaitAck,
     },
-    /// Authorized (either side); packets queued behind the ACK before the
-    /// conntrack mark took effect pass.
-    Done,
+    /// Authorized (either side); packets queued before the conntrack mark
+    /// took effect pass. The responder keeps the ACK token it accepted, so
+    /// that a re-sent copy of that ACK passes and any other is a replay.
+    Done { ack: Option<Vec<u8>> },
     /// Responder: this SYN was refused; its retransmissions are refused
     /// without another verification (and counted as denials, not replays).
     Denied { syn: Vec<u8> },
@@ -310,7 +316,7 @@ impl Enforcer {
             (Hook::In, true, false) => self.in_syn(pu, key, pkt, now_ms, now_s),
             (Hook::Out, true, true) => self.out_synack(pu, key, pkt, now_ms, now_s),
             (Hook::In, true, true) => self.in_synack(pu, key, pkt, now_ms, now_s),
-            (Hook::Out, false, _) => self.out_ack(key, pkt, now_ms),
+            (Hook::Out, false, _) => self.out_ack(key, pkt, m.payload_len, now_ms),
             (Hook::In, false, _) => self.in_ack(key, pkt, now_ms),
         }
     }
@@ -526,7 +532,9 @@ impl Enforcer {
             };
         };
         match state {
-            State::AckPending { synack, .. } if *synack == stripped.token => {
+            State::AckPending { synack, .. } | State::AckSent { synack, .. }
+                if *synack == stripped.token =>
+            {
                 self.counters.inc("synack_retransmitted");
                 Verdict::Rewrite(stripped.packet)
             }
@@ -572,23 +580,36 @@ impl Enforcer {
         }
     }
 
-    fn out_ack(&self, key: FlowKey, pkt: &[u8], now_ms: u64) -> Verdict {
+    fn out_ack(&self, key: FlowKey, pkt: &[u8], payload_len: usize, now_ms: u64) -> Verdict {
         let mut t = lock(&self.flows);
         match t.get_mut(&key, now_ms) {
             Some(State::AckPending { .. }) => {
-                let Some(State::AckPending { ack, .. }) = t.remove(&key) else {
+                let Some(State::AckPending { synack, ack }) = t.remove(&key) else {
                     return Verdict::Drop("flow_state_lost");
                 };
-                // Segments the application sends right after connect() can
-                // be queued before the mark takes effect: they pass.
-                t.insert(key, State::Done, now_ms + 2_000, now_ms);
-                drop(t);
-                match packet::attach(pkt, &ack) {
-                    Ok(p) => Verdict::Authorize(Some(p)),
+                let v = match packet::attach(pkt, &ack) {
+                    Ok(p) => Verdict::Rewrite(p),
+                    Err(e) => return Verdict::Drop(e.counter()),
+                };
+                t.insert(
+                    key,
+                    State::AckSent { synack, ack },
+                    now_ms + self.timeout_ms,
+                    now_ms,
+                );
+                v
+            }
+            // A pure ACK again (our kernel answering a re-sent SYN-ACK):
+            // it carries the token again. Data segments pass as they are.
+            Some(State::AckSent { ack, .. }) if payload_len == 0 => {
+                self.counters.inc("ack_resent");
+                match packet::attach(pkt, ack) {
+                    Ok(p) => Verdict::Rewrite(p),
                     Err(e) => Verdict::Drop(e.counter()),
                 }
             }
-            Some(State::Done) => Verdict::Authorize(None),
+            Some(State::AckSent { .. }) => Verdict::Accept,
+            Some(State::Done { .. }) => Verdict::Authorize(None),
             _ => Verdict::Drop("unauthorized_flow"),
         }
     }
@@ -605,12 +626,34 @@ impl Enforcer {
                 if let Err(e) = self.engine.accept_ack(st, &stripped.token) {
                     return Verdict::Drop(e.counter());
                 }
-                t.insert(key, State::Done, now_ms + 2_000, now_ms);
+                t.insert(
+                    key,
+                    State::Done {
+                        ack: Some(stripped.token),
+                    },
+                    now_ms + self.timeout_ms,
+                    now_ms,
+                );
                 drop(t);
                 Verdict::Authorize(Some(stripped.packet))
             }
-            Some(State::Done) => match packet::strip(pkt) {
+            // Initiator: the responder's first segment proves our ACK arrived.
+            Some(State::AckSent { .. }) => match packet::strip(pkt) {
+                Ok(None) => {
+                    t.insert(key, State::Done { ack: None }, now_ms + 2_000, now_ms);
+                    Verdict::Authorize(None)
+                }
+                Ok(Some(_)) => Verdict::Drop("token_unexpected"),
+                Err(e) => Verdict::Drop(e.counter()),
+            },
+            Some(State::Done { ack }) => match packet::strip(pkt) {
                 Ok(None) => Verdict::Authorize(None),
+                // The initiator re-sent the ACK we accepted (its copy of our
+                // SYN-ACK was lost or late): the same bytes pass again.
+                Ok(Some(s)) if ack.as_ref() == Some(&s.token) => {
+                    self.counters.inc("ack_resent");
+                    Verdict::Authorize(Some(s.packet))
+                }
                 _ => Verdict::Drop("ack_replayed"),
             },
             _ => Verdict::Drop("unauthorized_flow"),

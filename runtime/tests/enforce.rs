@@ -363,3 +363,55 @@ fn replayed_and_tampered_syns_never_reach_the_server() {
     assert!(probe(&t.fe, at(&t.be, 80)));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The initiator's token-carrying ACK is lost once (a raw-table rule in
+/// the server's namespace drops the first one): the server re-sends its
+/// SYN-ACK, the client's kernel answers with another ACK that carries the
+/// token again, and the connection completes instead of stalling.
+#[test]
+fn a_lost_token_ack_is_recovered() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trlost{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = psk(&dir, "psk.key", 3);
+    let t = beer("l", &k, &k);
+    serve(&t.be, t.be.ip4, 80);
+    // Pure ACKs (no SYN/FIN/RST/PSH) longer than 100 bytes carry a token;
+    // drop every other one, starting with the first.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &t.be.ns,
+        "iptables",
+        "-t",
+        "raw",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--tcp-flags",
+        "SYN,ACK,FIN,RST,PSH",
+        "ACK",
+        "-m",
+        "length",
+        "--length",
+        "100:400",
+        "-m",
+        "statistic",
+        "--mode",
+        "nth",
+        "--every",
+        "2",
+        "--packet",
+        "0",
+        "-j",
+        "DROP",
+    ]);
+    let got = fetch(&t.fe, at(&t.be, 80), 4096, Duration::from_secs(5));
+    assert_eq!(got.as_deref(), Some(expected_sha256(4096).as_str()));
+    assert!(t.lab.counter(0, "ack_resent") >= 1, "{}", t.lab.stats(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

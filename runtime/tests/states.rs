@@ -87,8 +87,8 @@ fn handshake(a: &Enforcer, b: &Enforcer, p: &Hs, t: u64) -> (Verdict, Verdict) {
     assert_eq!(at_a, p.synack);
     let va = a.handle(0, Hook::Out, &p.ack, t);
     let ack = match &va {
-        Verdict::Authorize(Some(p)) => p.clone(),
-        other => panic!("initiator should authorize on its ACK: {other:?}"),
+        Verdict::Rewrite(p) => p.clone(),
+        other => panic!("the initiator's ACK should carry the token: {other:?}"),
     };
     let vb = b.handle(0, Hook::In, &ack, t);
     (va, vb)
@@ -100,8 +100,13 @@ fn full_handshake_authorizes_both_sides_and_restores_packets() {
     let p = packets(40000);
     let (_, vb) = handshake(&a, &b, &p, NOW);
     assert_eq!(vb, Verdict::Authorize(Some(p.ack.clone())));
-    assert_eq!(a.counters.get("authorized"), 1);
     assert_eq!(b.counters.get("authorized"), 1);
+    // The initiator authorizes on the responder's first segment, the proof
+    // that its ACK arrived; until then its own data passes unmarked.
+    assert_eq!(a.counters.get("authorized"), 0);
+    let reply = tcp(B, 80, A, 40000, "A", 8);
+    assert_eq!(a.handle(0, Hook::In, &reply, NOW), Verdict::Authorize(None));
+    assert_eq!(a.counters.get("authorized"), 1);
     // A segment queued behind the ACK before the mark took effect passes.
     let data = tcp(A, 40000, B, 80, "A", 2);
     assert_eq!(b.handle(0, Hook::In, &data, NOW), Verdict::Authorize(None));
@@ -128,10 +133,58 @@ fn retransmitted_syn_and_synack_are_recognised_not_replays() {
         b.handle(0, Hook::In, &ack, NOW),
         Verdict::Authorize(Some(_))
     ));
-    // The same token-carrying ACK again is refused.
+    // A token-carrying ACK other than the one accepted is refused.
+    let mut forged = ack.clone();
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    assert!(matches!(
+        b.handle(0, Hook::In, &forged, NOW),
+        Verdict::Drop(_)
+    ));
+}
+
+#[test]
+fn a_lost_ack_is_recovered_not_stalled() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    let p = packets(40010);
+    let syn = rewritten(a.handle(0, Hook::Out, &p.syn, NOW));
+    rewritten(b.handle(0, Hook::In, &syn, NOW));
+    let synack = rewritten(b.handle(0, Hook::Out, &p.synack, NOW));
+    rewritten(a.handle(0, Hook::In, &synack, NOW));
+    let _lost = rewritten(a.handle(0, Hook::Out, &p.ack, NOW));
+    // The client's first data reaches the server without a token: refused.
+    let mut data = Vec::new();
+    etherparse::PacketBuilder::ipv4(A, B, 64)
+        .tcp(40010, 80, 2, 64240)
+        .ack(1000)
+        .psh()
+        .write(&mut data, b"hello")
+        .unwrap();
+    assert_eq!(a.handle(0, Hook::Out, &data, NOW), Verdict::Accept);
     assert_eq!(
-        b.handle(0, Hook::In, &ack, NOW),
-        Verdict::Drop("ack_replayed")
+        b.handle(0, Hook::In, &data, NOW),
+        Verdict::Drop("ack_without_token")
+    );
+    // The server re-sends its SYN-ACK; the client's kernel answers with an
+    // ACK, which carries the token again; the server completes.
+    let synack2 = rewritten(b.handle(0, Hook::Out, &p.synack, NOW + 1000));
+    assert_eq!(synack, synack2);
+    rewritten(a.handle(0, Hook::In, &synack2, NOW + 1000));
+    let ack2 = rewritten(a.handle(0, Hook::Out, &p.ack, NOW + 1000));
+    assert!(matches!(
+        b.handle(0, Hook::In, &ack2, NOW + 1000),
+        Verdict::Authorize(Some(_))
+    ));
+    // A further copy of that same ACK passes; a different token does not.
+    assert!(matches!(
+        b.handle(0, Hook::In, &ack2, NOW + 1001),
+        Verdict::Authorize(Some(_))
+    ));
+    // The server's reply authorizes the client side.
+    let reply = tcp(B, 80, A, 40010, "A", 8);
+    assert_eq!(
+        a.handle(0, Hook::In, &reply, NOW + 1002),
+        Verdict::Authorize(None)
     );
 }
 
