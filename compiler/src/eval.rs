@@ -207,8 +207,9 @@ impl<'r> Evaluator<'r> {
                         return false;
                     }
                     for r in p.rules(dir).into_iter().flatten() {
-                        if r.action != Action::Pass && rule_matches(r, peer, flow) {
-                            return r.action == Action::Allow;
+                        // Pass in the baseline tier hands over to the default: allow.
+                        if rule_matches(r, peer, flow) {
+                            return r.action != Action::Deny;
                         }
                     }
                 }
@@ -304,7 +305,12 @@ impl<'r> Evaluator<'r> {
         for &pi in &app.0[n..] {
             let p = &policies[pi as usize];
             for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
-                if rule_matches(r, peer, flow) && r.action != Action::Pass {
+                if rule_matches(r, peer, flow) && r.action == Action::Pass {
+                    // The next tier after the baseline is the default.
+                    passed_by.push((pi, ri as u32));
+                    return verdict(true, Reason::Default, passed_by);
+                }
+                if rule_matches(r, peer, flow) {
                     let reason = Reason::Rule {
                         policy: pi,
                         rule: ri as u32,

@@ -53,6 +53,7 @@ fn compile_err(yaml: &str) -> String {
 }
 
 const ANP: &str = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\n";
+const CNP: &str = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n";
 const BANP: &str =
     "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\n";
 
@@ -116,7 +117,41 @@ fn validation_errors_point_at_the_field() {
             "unknown field `ingres`",
         ),
     ];
-    for (yaml, want) in cases {
+    let cnp_cases: &[(String, &str)] = &[
+        (
+            format!("{CNP}metadata: {{name: a}}\nspec:\n  tier: Middle\n  priority: 1\n  subject: {{namespaces: {{}}}}\n"),
+            "F:5:9: error: unknown tier \"Middle\"",
+        ),
+        (
+            format!("{CNP}metadata: {{name: a}}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Allow\n    from: [{{namespaces: {{}}}}]\n"),
+            "unknown action \"Allow\" (expected Accept, Deny or Pass)",
+        ),
+        (
+            format!("{CNP}metadata: {{name: a}}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Deny\n    to: [{{networks: [10.0.0.0/8]}}]\n    protocols: [{{destinationNamedPort: http}}]\n"),
+            "cannot be combined with destinationNamedPort",
+        ),
+        (
+            format!("{CNP}metadata: {{name: a}}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Accept\n    to: [{{domainNames: [example.org]}}]\n"),
+            "`domainNames` peers are not supported",
+        ),
+        (
+            format!("{CNP}metadata: {{name: a}}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Deny\n    from: [{{namespaces: {{}}}}]\n    protocols: [{{tcp: {{destinationPort: {{range: {{start: 90, end: 90}}}}}}}}]\n"),
+            "start port 90 must be less than end port 90",
+        ),
+        (
+            format!("{CNP}metadata: {{name: a}}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Deny\n    from: [{{namespaces: {{}}}}]\n    protocols: [{{tcp: {{destinationPort: {{number: 80}}}}, udp: {{destinationPort: {{number: 53}}}}}}]\n"),
+            "exactly one of tcp, udp, sctp or destinationNamedPort",
+        ),
+        (
+            format!("{CNP}metadata: {{name: a}}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Deny\n    to: [{{networks: [10.0.0.0/8], bogus: 1}}]\n"),
+            "unknown field `bogus`",
+        ),
+        (
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: a}\n".to_string(),
+            "must have apiVersion policy.networking.k8s.io/v1alpha2",
+        ),
+    ];
+    for (yaml, want) in cases.iter().chain(cnp_cases) {
         let err = compile_err(yaml);
         assert!(err.contains(want), "want {want:?} in:\n{err}\nfor:\n{yaml}");
     }

@@ -1,6 +1,7 @@
 //! AdminNetworkPolicy and BaselineAdminNetworkPolicy
-//! (policy.networking.k8s.io/v1alpha1, the Kubernetes network-policy-api)
-//! → admin- and baseline-tier model policies.
+//! (policy.networking.k8s.io/v1alpha1) and their successor
+//! ClusterNetworkPolicy (v1alpha2, with a `tier` field), from the
+//! Kubernetes network-policy-api → admin- and baseline-tier model policies.
 //!
 //! Precedence (in the evaluator): admin rules by priority, lower first, each
 //! policy's rules in order (Allow and Deny decide, Pass skips to the
@@ -487,6 +488,365 @@ pub(super) fn admin_policy(
         priority,
         name: PolicyName {
             kind: kind.name().into(),
+            namespace: None,
+            name,
+        },
+        subject,
+        ingress: p.spec.ingress.as_ref().map(|_| ingress),
+        egress: p.spec.egress.as_ref().map(|_| egress),
+        source: v.source(&[]),
+    })
+}
+
+// ClusterNetworkPolicy (v1alpha2).
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterPolicy {
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: ClusterSpec,
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub status: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSpec {
+    pub tier: String,
+    pub priority: i64,
+    pub subject: Subject,
+    #[serde(default)]
+    pub ingress: Option<Vec<ClusterIngressRule>>,
+    #[serde(default)]
+    pub egress: Option<Vec<ClusterEgressRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterIngressRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub action: String,
+    pub from: Vec<Peer>,
+    #[serde(default)]
+    pub protocols: Option<Vec<ClusterProtocol>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterEgressRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub action: String,
+    pub to: Vec<ClusterEgressPeer>,
+    #[serde(default)]
+    pub protocols: Option<Vec<ClusterProtocol>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterEgressPeer {
+    #[serde(default)]
+    pub namespaces: Option<LabelSelector>,
+    #[serde(default)]
+    pub pods: Option<NamespacedPod>,
+    #[serde(default)]
+    pub nodes: Option<LabelSelector>,
+    #[serde(default)]
+    pub networks: Option<Vec<String>>,
+    #[serde(default)]
+    pub domain_names: Option<Vec<String>>,
+}
+
+impl ClusterEgressPeer {
+    fn peer(&self) -> Peer {
+        Peer {
+            namespaces: self.namespaces.clone(),
+            pods: self.pods.as_ref().map(|p| NamespacedPod {
+                namespace_selector: p.namespace_selector.clone(),
+                pod_selector: p.pod_selector.clone(),
+            }),
+            nodes: self.nodes.clone(),
+            networks: self.networks.clone(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterProtocol {
+    #[serde(default)]
+    pub tcp: Option<ProtocolPorts>,
+    #[serde(default)]
+    pub udp: Option<ProtocolPorts>,
+    #[serde(default)]
+    pub sctp: Option<ProtocolPorts>,
+    #[serde(default)]
+    pub destination_named_port: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtocolPorts {
+    #[serde(default)]
+    pub destination_port: Option<ClusterPort>,
+}
+
+#[derive(Deserialize)]
+pub struct ClusterPort {
+    #[serde(default)]
+    pub number: Option<i32>,
+    #[serde(default)]
+    pub range: Option<ClusterRange>,
+}
+
+#[derive(Deserialize)]
+pub struct ClusterRange {
+    pub start: i32,
+    pub end: i32,
+}
+
+impl V<'_, '_> {
+    fn cluster_protocol(&mut self, p: &ClusterProtocol, base: &[Seg]) -> Vec<PortRule> {
+        let set = [
+            p.tcp.is_some(),
+            p.udp.is_some(),
+            p.sctp.is_some(),
+            p.destination_named_port.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        if set != 1 {
+            self.err(
+                base,
+                "a protocol entry must set exactly one of tcp, udp, sctp or destinationNamedPort",
+            );
+            return vec![];
+        }
+        if let Some(n) = &p.destination_named_port {
+            if let Err(m) = check_port_name(n) {
+                self.err(&at(base, &path!["destinationNamedPort"]), m);
+            }
+            return [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+                .into_iter()
+                .map(|protocol| PortRule {
+                    protocol,
+                    port: PortMatch::Named(n.clone()),
+                })
+                .collect();
+        }
+        let (protocol, key, ports) = match (&p.tcp, &p.udp, &p.sctp) {
+            (Some(t), _, _) => (Protocol::Tcp, "tcp", t),
+            (_, Some(u), _) => (Protocol::Udp, "udp", u),
+            (_, _, Some(s)) => (Protocol::Sctp, "sctp", s),
+            _ => return vec![],
+        };
+        let b = at(base, &[Seg::key(key)]);
+        let Some(dp) = &ports.destination_port else {
+            self.err(&b, format!("{key} needs destinationPort"));
+            return vec![];
+        };
+        let b = at(&b, &path!["destinationPort"]);
+        let port = match (dp.number, &dp.range) {
+            (Some(n), None) => {
+                let n = self.port_number(n, &at(&b, &path!["number"]));
+                PortMatch::Range { first: n, last: n }
+            }
+            (None, Some(r)) => {
+                let rb = at(&b, &path!["range"]);
+                let first = self.port_number(r.start, &at(&rb, &path!["start"]));
+                let last = self.port_number(r.end, &at(&rb, &path!["end"]));
+                if r.start >= r.end {
+                    self.err(
+                        &rb,
+                        format!(
+                            "start port {} must be less than end port {}",
+                            r.start, r.end
+                        ),
+                    );
+                }
+                PortMatch::Range {
+                    first,
+                    last: last.max(first),
+                }
+            }
+            _ => {
+                self.err(
+                    &b,
+                    "destinationPort must set exactly one of number or range",
+                );
+                return vec![];
+            }
+        };
+        vec![PortRule { protocol, port }]
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cluster_rule(
+        &mut self,
+        tier: Tier,
+        action: &str,
+        peers: &[&Peer],
+        domain_names: bool,
+        protocols: Option<&Vec<ClusterProtocol>>,
+        base: &[Seg],
+        peers_key: &'static str,
+    ) -> Option<Rule> {
+        let act = match action {
+            "Accept" => Action::Allow,
+            "Deny" => Action::Deny,
+            "Pass" => Action::Pass,
+            other => {
+                self.err(
+                    &at(base, &path!["action"]),
+                    format!("unknown action {other:?} (expected Accept, Deny or Pass)"),
+                );
+                return None;
+            }
+        };
+        let _ = tier;
+        if peers.is_empty() || peers.len() > 25 {
+            self.err(
+                &at(base, &[Seg::key(peers_key)]),
+                format!("`{peers_key}` must list 1 to 25 peers"),
+            );
+        }
+        if domain_names {
+            self.err(
+                &at(base, &[Seg::key(peers_key)]),
+                "`domainNames` peers are not supported offline (no DNS): use networks",
+            );
+            return None;
+        }
+        let egress = peers_key == "to";
+        let mut model_peers = Vec::new();
+        let mut network_peer = false;
+        for (i, p) in peers.iter().enumerate() {
+            network_peer |= p.networks.is_some() || p.nodes.is_some();
+            model_peers.extend(self.admin_peer(
+                p,
+                &at(base, &[Seg::key(peers_key), Seg::Index(i)]),
+                egress,
+            ));
+        }
+        let mut ports = Vec::new();
+        if let Some(ps) = protocols {
+            if ps.is_empty() || ps.len() > 25 {
+                self.err(
+                    &at(base, &path!["protocols"]),
+                    "`protocols` must list 1 to 25 entries (omit it for all)",
+                );
+            }
+            for (i, p) in ps.iter().enumerate() {
+                if p.destination_named_port.is_some() && network_peer {
+                    self.err(&at(base, &path!["protocols", i]), "networks/nodes peers cannot be combined with destinationNamedPort (they have no named ports)");
+                }
+                ports.extend(self.cluster_protocol(p, &at(base, &path!["protocols", i])));
+            }
+        }
+        if model_peers.is_empty() {
+            return None;
+        }
+        Some(Rule {
+            action: act,
+            peers: Peers::AnyOf(model_peers),
+            ports,
+            source: self.source(base),
+        })
+    }
+}
+
+pub(super) fn cluster_policy(
+    ctx: &super::ObjCtx<'_>,
+    p: &ClusterPolicy,
+    diags: &mut Vec<crate::diag::Diagnostic>,
+) -> Option<Policy> {
+    let mut v = V { ctx, diags };
+    let name = v.name(&p.metadata, "ClusterNetworkPolicy")?;
+    if p.metadata.namespace.is_some() {
+        v.err(
+            &path!["metadata", "namespace"],
+            "ClusterNetworkPolicy is cluster-scoped: remove metadata.namespace",
+        );
+    }
+    let tier = match p.spec.tier.as_str() {
+        "Admin" => Tier::Admin,
+        "Baseline" => Tier::Baseline,
+        other => {
+            v.err(
+                &path!["spec", "tier"],
+                format!("unknown tier {other:?} (expected Admin or Baseline)"),
+            );
+            Tier::Admin
+        }
+    };
+    if !(0..=1000).contains(&p.spec.priority) {
+        v.err(
+            &path!["spec", "priority"],
+            format!("priority {} is out of range (0-1000)", p.spec.priority),
+        );
+    }
+    let subject = v.who(
+        p.spec.subject.namespaces.as_ref(),
+        p.spec.subject.pods.as_ref(),
+        &path!["spec", "subject"],
+        "the subject",
+    )?;
+    for (dir, n) in [
+        ("ingress", p.spec.ingress.as_ref().map_or(0, Vec::len)),
+        ("egress", p.spec.egress.as_ref().map_or(0, Vec::len)),
+    ] {
+        if n > 25 {
+            v.err(
+                &path!["spec", dir],
+                format!("at most 25 {dir} rules ({n} given)"),
+            );
+        }
+    }
+    let mut ingress = Vec::new();
+    for (i, r) in p.spec.ingress.iter().flatten().enumerate() {
+        let _ = &r.name;
+        let peers: Vec<&Peer> = r.from.iter().collect();
+        ingress.extend(v.cluster_rule(
+            tier,
+            &r.action,
+            &peers,
+            false,
+            r.protocols.as_ref(),
+            &path!["spec", "ingress", i],
+            "from",
+        ));
+    }
+    let mut egress = Vec::new();
+    for (i, r) in p.spec.egress.iter().flatten().enumerate() {
+        let _ = &r.name;
+        let owned: Vec<Peer> = r.to.iter().map(ClusterEgressPeer::peer).collect();
+        let peers: Vec<&Peer> = owned.iter().collect();
+        let domains = r.to.iter().any(|x| x.domain_names.is_some());
+        egress.extend(v.cluster_rule(
+            tier,
+            &r.action,
+            &peers,
+            domains,
+            r.protocols.as_ref(),
+            &path!["spec", "egress", i],
+            "to",
+        ));
+    }
+    Some(Policy {
+        tier,
+        priority: p.spec.priority.clamp(0, 1000) as i32,
+        name: PolicyName {
+            kind: "ClusterNetworkPolicy".into(),
             namespace: None,
             name,
         },

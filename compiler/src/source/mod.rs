@@ -34,6 +34,7 @@ enum Kind {
     NetworkPolicy,
     AdminNetworkPolicy,
     BaselineAdminNetworkPolicy,
+    ClusterNetworkPolicy,
     Namespace,
     Pod,
     List,
@@ -49,6 +50,12 @@ impl Kind {
             ("policy.networking.k8s.io/v1alpha1", "BaselineAdminNetworkPolicy") => {
                 Ok(Kind::BaselineAdminNetworkPolicy)
             }
+            ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy") => {
+                Ok(Kind::ClusterNetworkPolicy)
+            }
+            (_, "ClusterNetworkPolicy") => Err(format!(
+                "ClusterNetworkPolicy must have apiVersion policy.networking.k8s.io/v1alpha2, not {api_version:?}"
+            )),
             (_, "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy") => Err(format!(
                 "{kind} must have apiVersion policy.networking.k8s.io/v1alpha1, not {api_version:?}"
             )),
@@ -62,7 +69,7 @@ impl Kind {
                 "{kind} must have apiVersion v1, not {api_version:?}"
             )),
             _ => Err(format!(
-                "unsupported kind {kind:?} (apiVersion {api_version:?}); trireme reads NetworkPolicy (networking.k8s.io/v1), AdminNetworkPolicy and BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1), Namespace (v1), Pod (v1) and List (v1)"
+                "unsupported kind {kind:?} (apiVersion {api_version:?}); trireme reads NetworkPolicy (networking.k8s.io/v1), AdminNetworkPolicy and BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1), ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2), Namespace (v1), Pod (v1) and List (v1)"
             )),
         }
     }
@@ -71,6 +78,7 @@ impl Kind {
 enum Object {
     NetworkPolicy(Box<NetworkPolicy>),
     Admin(admin::AdminKind, Box<admin::AdminPolicy>),
+    Cluster(Box<admin::ClusterPolicy>),
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
 }
@@ -87,6 +95,9 @@ impl<'de> DeserializeSeed<'de> for ObjSeed {
                 admin::AdminKind::Admin,
                 Box::new(admin::AdminPolicy::deserialize(d)?),
             ),
+            Kind::ClusterNetworkPolicy => {
+                Object::Cluster(Box::new(admin::ClusterPolicy::deserialize(d)?))
+            }
             Kind::BaselineAdminNetworkPolicy => Object::Admin(
                 admin::AdminKind::Baseline,
                 Box::new(admin::AdminPolicy::deserialize(d)?),
@@ -350,6 +361,17 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, Diagnostics> {
                         }
                         match key {
                             Some(n) => (kind_name, String::new(), n, ctx.loc(&[])),
+                            None => continue,
+                        }
+                    }
+                    Object::Cluster(cp) => {
+                        let p = admin::cluster_policy(&ctx, cp, &mut diags);
+                        let key = p.as_ref().map(|p| p.name.name.clone());
+                        if let (Some(p), true) = (p, diags.len() == before) {
+                            loaded.policies.push(p);
+                        }
+                        match key {
+                            Some(n) => ("ClusterNetworkPolicy", String::new(), n, ctx.loc(&[])),
                             None => continue,
                         }
                     }
