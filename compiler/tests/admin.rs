@@ -14,16 +14,23 @@ fn trireme(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn precedence_scenarios_pass() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/admin");
-    let mut files: Vec<String> = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(|e| {
-            let p = e.ok()?.path().join("test.yaml");
-            p.exists().then(|| p.display().to_string())
-        })
-        .collect();
+    let mut files: Vec<String> = Vec::new();
+    for (dir, at_least) in [
+        ("../testdata/admin", 8),
+        ("../testdata/conformance/network-policy-api", 5),
+    ] {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let found: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.ok()?.path().join("test.yaml");
+                p.exists().then(|| p.display().to_string())
+            })
+            .collect();
+        assert!(found.len() >= at_least, "{dir}");
+        files.extend(found);
+    }
     files.sort();
-    assert!(files.len() >= 7);
     let mut args = vec!["test"];
     args.extend(files.iter().map(String::as_str));
     let o = trireme(&args);
