@@ -70,16 +70,18 @@ pub struct Decision {
     pub ingress: DirectionVerdict,
 }
 
-/// The policies whose subject selects an identity, in evaluation order.
+/// The policies whose subject selects an identity, in evaluation order,
+/// and the identity's labels encoded for the rules of the other end (so a
+/// holder that precomputes this per workload never encodes per decision).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applicable(Vec<u32>);
+pub struct Applicable(Vec<u32>, Option<crate::subjects::Encoded>);
 
 impl Applicable {
     /// Policy indices in ascending (= evaluation) order.
     pub fn from_vec(mut v: Vec<u32>) -> Self {
         v.sort_unstable();
         v.dedup();
-        Applicable(v)
+        Applicable(v, None)
     }
 
     pub fn policies(&self) -> &[u32] {
@@ -116,7 +118,8 @@ impl<'r> Evaluator<'r> {
 
     /// Policies selecting `id`, in ruleset order (= tier, then priority).
     pub fn applicable(&self, id: &Identity) -> Applicable {
-        Applicable(self.subjects.lookup(id))
+        let labels = self.subjects.encode(id);
+        Applicable(self.subjects.lookup_encoded(&labels), Some(labels))
     }
 
     pub fn evaluate(&self, flow: &Flow<'_>) -> Decision {
@@ -134,11 +137,17 @@ impl<'r> Evaluator<'r> {
         dst: Option<&Applicable>,
     ) -> Decision {
         let egress = match src {
-            Some(a) => self.direction(a, Direction::Egress, &flow.dst, flow),
+            Some(a) => {
+                let l = self.labels_of(&flow.dst, dst);
+                self.direction(a, Direction::Egress, &flow.dst, l.as_deref(), flow)
+            }
             None => not_a_workload(Direction::Egress),
         };
         let ingress = match dst {
-            Some(a) => self.direction(a, Direction::Ingress, &flow.src, flow),
+            Some(a) => {
+                let l = self.labels_of(&flow.src, src);
+                self.direction(a, Direction::Ingress, &flow.src, l.as_deref(), flow)
+            }
             None => not_a_workload(Direction::Ingress),
         };
         Decision {
@@ -148,23 +157,71 @@ impl<'r> Evaluator<'r> {
         }
     }
 
+    /// A peer's encoded labels: from its precomputed `Applicable` when
+    /// there is one, else encoded now (a peer known only by its token).
+    fn labels_of<'x>(
+        &self,
+        e: &Endpoint<'_>,
+        app: Option<&'x Applicable>,
+    ) -> Option<std::borrow::Cow<'x, [(u32, u32)]>> {
+        match app.and_then(|a| a.1.as_deref()) {
+            Some(l) => Some(std::borrow::Cow::Borrowed(l)),
+            None => e
+                .identity
+                .map(|id| std::borrow::Cow::Owned(self.subjects.encode(id))),
+        }
+    }
+
     /// Only whether it is allowed: the same walk as `direction`, without
-    /// building explanations (no allocation; the enforcement hot path).
+    /// building explanations (the enforcement hot path).
     pub fn allowed_with(
         &self,
         flow: &Flow<'_>,
         src: Option<&Applicable>,
         dst: Option<&Applicable>,
     ) -> bool {
-        src.is_none_or(|a| self.allowed_dir(a, Direction::Egress, &flow.dst, flow))
-            && dst.is_none_or(|a| self.allowed_dir(a, Direction::Ingress, &flow.src, flow))
+        src.is_none_or(|a| {
+            let l = self.labels_of(&flow.dst, dst);
+            self.allowed_dir(a, Direction::Egress, &flow.dst, l.as_deref(), flow)
+        }) && dst.is_none_or(|a| {
+            let l = self.labels_of(&flow.src, src);
+            self.allowed_dir(a, Direction::Ingress, &flow.src, l.as_deref(), flow)
+        })
     }
 
-    /// Whether a flow is allowed, finding applicable policies through the index.
+    /// Whether a flow is allowed, finding applicable policies through the
+    /// index (each identity is encoded once, for the lookup and the rules).
     pub fn allowed(&self, flow: &Flow<'_>) -> bool {
         let src = flow.src.identity.map(|id| self.applicable(id));
         let dst = flow.dst.identity.map(|id| self.applicable(id));
         self.allowed_with(flow, src.as_ref(), dst.as_ref())
+    }
+
+    /// A rule of policy `pi` against a peer: ports, then peers (identity
+    /// selectors through the interned index, CIDRs on the IP).
+    #[allow(clippy::too_many_arguments)]
+    fn rule_ok(
+        &self,
+        pi: u32,
+        dir: Direction,
+        ri: usize,
+        r: &Rule,
+        peer: &Endpoint<'_>,
+        labels: Option<&[(u32, u32)]>,
+        flow: &Flow<'_>,
+    ) -> bool {
+        if !ports_match(&r.ports, flow) {
+            return false;
+        }
+        match &r.peers {
+            Peers::Any => true,
+            Peers::AnyOf(list) => list.iter().enumerate().any(|(k, p)| match p {
+                Peer::Identity(_) => {
+                    labels.is_some_and(|l| self.subjects.peer_matches(pi, dir, ri, k, l))
+                }
+                Peer::Cidr(block) => peer.ip.is_some_and(|ip| block.contains(&ip)),
+            }),
+        }
     }
 
     fn allowed_dir(
@@ -172,6 +229,7 @@ impl<'r> Evaluator<'r> {
         app: &Applicable,
         dir: Direction,
         peer: &Endpoint<'_>,
+        labels: Option<&[(u32, u32)]>,
         flow: &Flow<'_>,
     ) -> bool {
         let policies = &self.rs.policies;
@@ -182,8 +240,8 @@ impl<'r> Evaluator<'r> {
             match p.tier {
                 Tier::Admin if !in_admin => continue,
                 Tier::Admin => {
-                    for r in p.rules(dir).into_iter().flatten() {
-                        if rule_matches(r, peer, flow) {
+                    for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
+                        if self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
                             match r.action {
                                 Action::Allow => return true,
                                 Action::Deny => return false,
@@ -198,7 +256,11 @@ impl<'r> Evaluator<'r> {
                 Tier::Namespace => {
                     let Some(rules) = p.rules(dir) else { continue };
                     isolated = true;
-                    if rules.iter().any(|r| rule_matches(r, peer, flow)) {
+                    if rules
+                        .iter()
+                        .enumerate()
+                        .any(|(ri, r)| self.rule_ok(pi, dir, ri, r, peer, labels, flow))
+                    {
                         return true;
                     }
                 }
@@ -206,9 +268,9 @@ impl<'r> Evaluator<'r> {
                     if isolated {
                         return false;
                     }
-                    for r in p.rules(dir).into_iter().flatten() {
+                    for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
                         // Pass in the baseline tier hands over to the default: allow.
-                        if rule_matches(r, peer, flow) {
+                        if self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
                             return r.action != Action::Deny;
                         }
                     }
@@ -223,6 +285,7 @@ impl<'r> Evaluator<'r> {
         app: &Applicable,
         dir: Direction,
         peer: &Endpoint<'_>,
+        labels: Option<&[(u32, u32)]>,
         flow: &Flow<'_>,
     ) -> DirectionVerdict {
         let mut passed_by = Vec::new();
@@ -243,7 +306,7 @@ impl<'r> Evaluator<'r> {
             }
             tier_start = n + 1;
             for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
-                if rule_matches(r, peer, flow) {
+                if self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
                     let reason = Reason::Rule {
                         policy: pi,
                         rule: ri as u32,
@@ -279,7 +342,7 @@ impl<'r> Evaluator<'r> {
             let Some(rules) = p.rules(dir) else { continue };
             isolating.push(pi);
             for (ri, r) in rules.iter().enumerate() {
-                if rule_matches(r, peer, flow) {
+                if self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
                     return verdict(
                         true,
                         Reason::Rule {
@@ -305,12 +368,13 @@ impl<'r> Evaluator<'r> {
         for &pi in &app.0[n..] {
             let p = &policies[pi as usize];
             for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
-                if rule_matches(r, peer, flow) && r.action == Action::Pass {
+                let matched = self.rule_ok(pi, dir, ri, r, peer, labels, flow);
+                if matched && r.action == Action::Pass {
                     // The next tier after the baseline is the default.
                     passed_by.push((pi, ri as u32));
                     return verdict(true, Reason::Default, passed_by);
                 }
-                if rule_matches(r, peer, flow) {
+                if matched {
                     let reason = Reason::Rule {
                         policy: pi,
                         rule: ri as u32,
@@ -336,10 +400,6 @@ fn not_a_workload(direction: Direction) -> DirectionVerdict {
 /// Whether a rule's ports and its peers match, separately (for `explain`).
 pub fn rule_parts(r: &Rule, peer: &Endpoint<'_>, flow: &Flow<'_>) -> (bool, bool) {
     (ports_match(&r.ports, flow), peers_match(&r.peers, peer))
-}
-
-fn rule_matches(r: &Rule, peer: &Endpoint<'_>, flow: &Flow<'_>) -> bool {
-    ports_match(&r.ports, flow) && peers_match(&r.peers, peer)
 }
 
 fn ports_match(ports: &[PortRule], flow: &Flow<'_>) -> bool {

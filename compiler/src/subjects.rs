@@ -11,7 +11,7 @@
 //! A lookup hashes the identity's labels once, probes the buckets of its
 //! (key, value) pairs and checks the remaining requirements on integers.
 
-use crate::model::{Identity, NAMESPACE_KEY, Operator, Policy};
+use crate::model::{Direction, Identity, NAMESPACE_KEY, Operator, Peer, Peers, Policy};
 use rustc_hash::FxHashMap as HashMap;
 use std::ops::Range;
 
@@ -40,7 +40,18 @@ pub struct SubjectIndex {
     unanchored: Vec<Candidate>,
     reqs: Vec<Req>,
     values: Vec<u32>,
+    /// Peer selectors of every rule, interned the same way, so that rule
+    /// matching compares integers too. `peer_start[policy * 2 + dir]`
+    /// indexes `rule_peer` (one entry per rule of that direction), which
+    /// indexes `peer_reqs` (one requirement range per peer; CIDR peers get
+    /// an empty range that is never consulted).
+    peer_start: Vec<u32>,
+    rule_peer: Vec<u32>,
+    peer_reqs: Vec<(u32, u32)>,
 }
+
+/// An identity's labels as sorted (key, value) symbols.
+pub type Encoded = Vec<(u32, u32)>;
 
 fn range((start, end): (u32, u32)) -> Range<usize> {
     start as usize..end as usize
@@ -107,7 +118,56 @@ impl SubjectIndex {
             let c = ix.compile(&policies[pi as usize], pi, None);
             ix.unanchored.push(c);
         }
+        for p in policies {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                ix.peer_start.push(ix.rule_peer.len() as u32);
+                for r in p.rules(dir).into_iter().flatten() {
+                    ix.rule_peer.push(ix.peer_reqs.len() as u32);
+                    if let Peers::AnyOf(list) = &r.peers {
+                        for peer in list {
+                            let range = match peer {
+                                Peer::Identity(sel) => ix.compile_reqs(&sel.requirements, None),
+                                Peer::Cidr(_) => (0, 0),
+                            };
+                            ix.peer_reqs.push(range);
+                        }
+                    }
+                }
+            }
+        }
         ix
+    }
+
+    /// `id`'s labels as symbols, sorted by key. Labels whose key no
+    /// selector mentions cannot affect any requirement and are left out.
+    pub fn encode(&self, id: &Identity) -> Encoded {
+        let mut labels: Vec<(u32, u32)> = Vec::with_capacity(id.len());
+        for (k, v) in id.iter() {
+            if let Some(&k) = self.symbols.get(k) {
+                labels.push((k, self.symbols.get(v).copied().unwrap_or(UNKNOWN)));
+            }
+        }
+        labels.sort_unstable_by_key(|l| l.0);
+        labels
+    }
+
+    /// Whether peer `k` of rule `rule` (direction `dir`) of policy `policy`
+    /// — an identity selector — matches the encoded identity.
+    pub fn peer_matches(
+        &self,
+        policy: u32,
+        dir: Direction,
+        rule: usize,
+        k: usize,
+        labels: &[(u32, u32)],
+    ) -> bool {
+        let d = match dir {
+            Direction::Ingress => 0,
+            Direction::Egress => 1,
+        };
+        let first_rule = self.peer_start[policy as usize * 2 + d] as usize;
+        let first_peer = self.rule_peer[first_rule + rule] as usize;
+        self.reqs_match(self.peer_reqs[first_peer + k], labels)
     }
 
     fn intern(&mut self, s: &str) -> u32 {
@@ -116,8 +176,19 @@ impl SubjectIndex {
     }
 
     fn compile(&mut self, p: &Policy, pi: u32, skip: Option<usize>) -> Candidate {
+        Candidate {
+            policy: pi,
+            reqs: self.compile_reqs(&p.subject.requirements, skip),
+        }
+    }
+
+    fn compile_reqs(
+        &mut self,
+        reqs: &[crate::model::Requirement],
+        skip: Option<usize>,
+    ) -> (u32, u32) {
         let start = self.reqs.len() as u32;
-        for (i, r) in p.subject.requirements.iter().enumerate() {
+        for (i, r) in reqs.iter().enumerate() {
             if Some(i) == skip {
                 continue;
             }
@@ -132,25 +203,18 @@ impl SubjectIndex {
                 values: (vstart, self.values.len() as u32),
             });
         }
-        Candidate {
-            policy: pi,
-            reqs: (start, self.reqs.len() as u32),
-        }
+        (start, self.reqs.len() as u32)
     }
 
     /// Policy indices selecting `id`, ascending.
     pub fn lookup(&self, id: &Identity) -> Vec<u32> {
-        // The identity as (key, value) symbols, sorted by key. Labels whose
-        // key no selector mentions cannot affect any requirement.
-        let mut labels: Vec<(u32, u32)> = Vec::with_capacity(id.len());
-        for (k, v) in id.iter() {
-            if let Some(&k) = self.symbols.get(k) {
-                labels.push((k, self.symbols.get(v).copied().unwrap_or(UNKNOWN)));
-            }
-        }
-        labels.sort_unstable_by_key(|l| l.0);
+        self.lookup_encoded(&self.encode(id))
+    }
+
+    /// As `lookup`, for an identity already encoded.
+    pub fn lookup_encoded(&self, labels: &[(u32, u32)]) -> Vec<u32> {
         let mut out = Vec::with_capacity(16);
-        for &(k, v) in &labels {
+        for &(k, v) in labels {
             if v == UNKNOWN {
                 continue;
             }
@@ -159,7 +223,7 @@ impl SubjectIndex {
                 out.extend(
                     cands
                         .iter()
-                        .filter(|c| self.all(c, &labels))
+                        .filter(|c| self.all(c, labels))
                         .map(|c| c.policy),
                 );
             }
@@ -167,7 +231,7 @@ impl SubjectIndex {
         out.extend(
             self.unanchored
                 .iter()
-                .filter(|c| self.all(c, &labels))
+                .filter(|c| self.all(c, labels))
                 .map(|c| c.policy),
         );
         // Each policy has one anchor and an identity one value per key, so
@@ -177,7 +241,11 @@ impl SubjectIndex {
     }
 
     fn all(&self, c: &Candidate, labels: &[(u32, u32)]) -> bool {
-        self.reqs[range(c.reqs)].iter().all(|r| {
+        self.reqs_match(c.reqs, labels)
+    }
+
+    fn reqs_match(&self, reqs: (u32, u32), labels: &[(u32, u32)]) -> bool {
+        self.reqs[range(reqs)].iter().all(|r| {
             let v = labels
                 .binary_search_by_key(&r.key, |l| l.0)
                 .ok()
@@ -231,6 +299,22 @@ mod tests {
                 };
                 reqs.push(Requirement::new(key, op, values));
             }
+            // The same selector also serves as an ingress peer (after a
+            // CIDR peer), and an egress rule with an empty selector.
+            let rule = |peers| crate::model::Rule {
+                action: crate::model::Action::Allow,
+                peers,
+                ports: vec![],
+                source: SourceRef {
+                    file: 0,
+                    line: 1,
+                    col: 1,
+                },
+            };
+            let cidr = Peer::Cidr(crate::model::CidrBlock {
+                cidr: "10.0.0.0/8".parse().unwrap(),
+                except: vec![],
+            });
             policies.push(Policy {
                 tier: Tier::Namespace,
                 priority: 0,
@@ -239,9 +323,17 @@ mod tests {
                     namespace: None,
                     name: format!("p{i}"),
                 },
-                subject: Selector::new(reqs),
-                ingress: None,
-                egress: None,
+                subject: Selector::new(reqs.clone()),
+                ingress: Some(vec![
+                    rule(Peers::Any),
+                    rule(Peers::AnyOf(vec![
+                        cidr,
+                        Peer::Identity(Selector::new(reqs)),
+                    ])),
+                ]),
+                egress: Some(vec![rule(Peers::AnyOf(vec![Peer::Identity(
+                    Selector::all(),
+                )]))]),
                 source: SourceRef {
                     file: 0,
                     line: 1,
@@ -263,6 +355,16 @@ mod tests {
                 .filter(|&p| policies[p as usize].subject.matches(&id))
                 .collect();
             assert_eq!(ix.lookup(&id), scan, "identity {id:?}");
+            // Interned peer selectors agree with string matching.
+            let enc = ix.encode(&id);
+            for (pi, p) in policies.iter().enumerate() {
+                let want = p.subject.matches(&id);
+                assert_eq!(
+                    ix.peer_matches(pi as u32, Direction::Ingress, 1, 1, &enc),
+                    want
+                );
+                assert!(ix.peer_matches(pi as u32, Direction::Egress, 0, 0, &enc));
+            }
         }
     }
 }
