@@ -23,7 +23,7 @@ use crate::counters::Counters;
 use crate::flows::{FlowKey, FlowTable};
 use crate::packet::{self, ACK, RST, SYN};
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use trireme_compiler::eval::{Applicable, Endpoint, Evaluator, Flow};
@@ -52,6 +52,14 @@ pub enum Verdict {
     Authorize(Option<Vec<u8>>),
     /// Drop, counted under this name.
     Drop(&'static str),
+}
+
+/// A verified peer's identity: the labels its token carries.
+fn identity_of(peer: &trireme_tokens::handshake::Peer) -> Identity {
+    peer.labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// A workload this node enforces for.
@@ -205,6 +213,11 @@ impl Enforcer {
         self.counters.inc("policy_updates");
     }
 
+    /// Record a handshake state with the handshake deadline.
+    fn remember(&self, t: &mut FlowTable<State>, key: FlowKey, state: State, now_ms: u64) {
+        t.insert(key, state, now_ms + self.timeout_ms, now_ms);
+    }
+
     /// Flows in handshake, evictions and expiries.
     pub fn flow_stats(&self) -> (usize, u64, u64) {
         let t = lock(&self.flows);
@@ -337,13 +350,13 @@ impl Enforcer {
                 let (payload, st) = self.engine.syn(&tok, None, now_s);
                 let payload: Arc<[u8]> = payload.into();
                 t = lock(&self.flows);
-                t.insert(
+                self.remember(
+                    &mut t,
                     key,
                     State::SynSent {
                         st,
                         payload: payload.clone(),
                     },
-                    now_ms + self.timeout_ms,
                     now_ms,
                 );
                 payload
@@ -410,12 +423,7 @@ impl Enforcer {
             Ok(st) => st,
             Err(e) => return Verdict::Drop(e.counter()),
         };
-        let peer: Identity = st
-            .peer
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let peer = identity_of(&st.peer);
         if !self.allowed(
             pu,
             Hook::In,
@@ -427,25 +435,25 @@ impl Enforcer {
             },
             Some(&peer),
         ) {
-            lock(&self.flows).insert(
+            self.remember(
+                &mut lock(&self.flows),
                 key,
                 State::Denied {
                     syn: stripped.token,
                 },
-                now_ms + self.timeout_ms,
                 now_ms,
             );
             return Verdict::Drop("ingress_denied");
         }
         // A new SYN on a tuple in another state (source-port reuse, or a
         // simultaneous open) replaces it.
-        lock(&self.flows).insert(
+        self.remember(
+            &mut lock(&self.flows),
             key,
             State::SynReceived {
                 syn: stripped.token,
                 st,
             },
-            now_ms + self.timeout_ms,
             now_ms,
         );
         self.counters.inc("ingress_allowed");
@@ -471,14 +479,14 @@ impl Enforcer {
                 let (payload, st) = self.engine.syn_ack(&tok, &st);
                 let payload: Arc<[u8]> = payload.into();
                 t = lock(&self.flows);
-                t.insert(
+                self.remember(
+                    &mut t,
                     key,
                     State::AwaitAck {
                         syn,
                         synack: payload.clone(),
                         st,
                     },
-                    now_ms + self.timeout_ms,
                     now_ms,
                 );
                 payload
@@ -545,11 +553,7 @@ impl Enforcer {
                     Ok(x) => x,
                     Err(e) => return Verdict::Drop(e.counter()),
                 };
-                let peer: Identity = peer
-                    .labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
+                let peer = identity_of(&peer);
                 if !self.allowed(
                     pu,
                     Hook::Out,
@@ -564,13 +568,13 @@ impl Enforcer {
                     lock(&self.flows).remove(&key);
                     return Verdict::Drop("egress_denied");
                 }
-                lock(&self.flows).insert(
+                self.remember(
+                    &mut lock(&self.flows),
                     key,
                     State::AckPending {
                         synack: stripped.token,
                         ack,
                     },
-                    now_ms + self.timeout_ms,
                     now_ms,
                 );
                 self.counters.inc("egress_allowed");
@@ -591,12 +595,7 @@ impl Enforcer {
                     Ok(p) => Verdict::Rewrite(p),
                     Err(e) => return Verdict::Drop(e.counter()),
                 };
-                t.insert(
-                    key,
-                    State::AckSent { synack, ack },
-                    now_ms + self.timeout_ms,
-                    now_ms,
-                );
+                self.remember(&mut t, key, State::AckSent { synack, ack }, now_ms);
                 v
             }
             // A pure ACK again (our kernel answering a re-sent SYN-ACK):
@@ -626,12 +625,12 @@ impl Enforcer {
                 if let Err(e) = self.engine.accept_ack(st, &stripped.token) {
                     return Verdict::Drop(e.counter());
                 }
-                t.insert(
+                self.remember(
+                    &mut t,
                     key,
                     State::Done {
                         ack: Some(stripped.token),
                     },
-                    now_ms + self.timeout_ms,
                     now_ms,
                 );
                 drop(t);
@@ -699,9 +698,4 @@ impl Enforcer {
             })
         }
     }
-}
-
-/// Address helpers for tests and tools.
-pub fn sock(ip: IpAddr, port: u16) -> SocketAddr {
-    SocketAddr::new(ip, port)
 }
