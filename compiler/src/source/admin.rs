@@ -86,7 +86,8 @@ pub struct EgressRule {
     pub ports: Option<Vec<Port>>,
 }
 
-/// Ingress peers use namespaces/pods; egress peers add nodes/networks.
+/// Ingress peers use namespaces/pods; egress peers add nodes/networks
+/// (and, in ClusterNetworkPolicy, domainNames).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Peer {
@@ -98,6 +99,8 @@ pub struct Peer {
     pub nodes: Option<LabelSelector>,
     #[serde(default)]
     pub networks: Option<Vec<String>>,
+    #[serde(default)]
+    pub domain_names: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -187,6 +190,13 @@ impl V<'_, '_> {
     }
 
     fn admin_peer(&mut self, p: &Peer, base: &[Seg], egress: bool) -> Vec<crate::model::Peer> {
+        if p.domain_names.is_some() {
+            self.key_err(
+                &at(base, &path!["domainNames"]),
+                "`domainNames` peers are not supported offline (no DNS): use networks",
+            );
+            return vec![];
+        }
         let set = [
             p.namespaces.is_some(),
             p.pods.is_some(),
@@ -546,38 +556,9 @@ pub struct ClusterEgressRule {
     #[serde(default)]
     pub name: Option<String>,
     pub action: String,
-    pub to: Vec<ClusterEgressPeer>,
+    pub to: Vec<Peer>,
     #[serde(default)]
     pub protocols: Option<Vec<ClusterProtocol>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ClusterEgressPeer {
-    #[serde(default)]
-    pub namespaces: Option<LabelSelector>,
-    #[serde(default)]
-    pub pods: Option<NamespacedPod>,
-    #[serde(default)]
-    pub nodes: Option<LabelSelector>,
-    #[serde(default)]
-    pub networks: Option<Vec<String>>,
-    #[serde(default)]
-    pub domain_names: Option<Vec<String>>,
-}
-
-impl ClusterEgressPeer {
-    fn peer(&self) -> Peer {
-        Peer {
-            namespaces: self.namespaces.clone(),
-            pods: self.pods.as_ref().map(|p| NamespacedPod {
-                namespace_selector: p.namespace_selector.clone(),
-                pod_selector: p.pod_selector.clone(),
-            }),
-            nodes: self.nodes.clone(),
-            networks: self.networks.clone(),
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -690,13 +671,10 @@ impl V<'_, '_> {
         vec![PortRule { protocol, port }]
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn cluster_rule(
         &mut self,
-        tier: Tier,
         action: &str,
         peers: &[&Peer],
-        domain_names: bool,
         protocols: Option<&Vec<ClusterProtocol>>,
         base: &[Seg],
         peers_key: &'static str,
@@ -713,19 +691,11 @@ impl V<'_, '_> {
                 return None;
             }
         };
-        let _ = tier;
         if peers.is_empty() || peers.len() > 25 {
             self.err(
                 &at(base, &[Seg::key(peers_key)]),
                 format!("`{peers_key}` must list 1 to 25 peers"),
             );
-        }
-        if domain_names {
-            self.err(
-                &at(base, &[Seg::key(peers_key)]),
-                "`domainNames` peers are not supported offline (no DNS): use networks",
-            );
-            return None;
         }
         let egress = peers_key == "to";
         let mut model_peers = Vec::new();
@@ -817,10 +787,8 @@ pub(super) fn cluster_policy(
         let _ = &r.name;
         let peers: Vec<&Peer> = r.from.iter().collect();
         ingress.extend(v.cluster_rule(
-            tier,
             &r.action,
             &peers,
-            false,
             r.protocols.as_ref(),
             &path!["spec", "ingress", i],
             "from",
@@ -829,14 +797,10 @@ pub(super) fn cluster_policy(
     let mut egress = Vec::new();
     for (i, r) in p.spec.egress.iter().flatten().enumerate() {
         let _ = &r.name;
-        let owned: Vec<Peer> = r.to.iter().map(ClusterEgressPeer::peer).collect();
-        let peers: Vec<&Peer> = owned.iter().collect();
-        let domains = r.to.iter().any(|x| x.domain_names.is_some());
+        let peers: Vec<&Peer> = r.to.iter().collect();
         egress.extend(v.cluster_rule(
-            tier,
             &r.action,
             &peers,
-            domains,
             r.protocols.as_ref(),
             &path!["spec", "egress", i],
             "to",
