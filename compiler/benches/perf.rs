@@ -327,7 +327,7 @@ fn main() {
     let mut count = 0;
     for _ in 0..5 {
         let t = Instant::now();
-        let l = trireme_compiler::rules::load(&name, &text, 0).unwrap();
+        let l = trireme_compiler::rules::load(&name, &text, 0, &[]).unwrap();
         count = l.policies.len();
         let rs = Ruleset::new(vec!["bench.trireme".into()], l.policies);
         black_box(rs.encode());
@@ -339,7 +339,7 @@ fn main() {
         median(times).as_secs_f64() * 1e3
     );
     use trireme_compiler::model::Tier;
-    let extra = trireme_compiler::rules::load(&name, &text, 0)
+    let extra = trireme_compiler::rules::load(&name, &text, 0, &[])
         .unwrap()
         .policies;
     // (a) The 10k NetworkPolicies plus the admin and baseline tiers; (b) also

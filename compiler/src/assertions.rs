@@ -14,6 +14,7 @@ use crate::cluster::Cluster;
 use crate::eval::{Endpoint, Evaluator, Flow};
 use crate::explain;
 use crate::model::{Identity, NamedPort, Protocol};
+use crate::plugins::{self, PluginSpec, Plugins};
 use crate::ruleset::Ruleset;
 use crate::{compile, source};
 use serde::Deserialize;
@@ -30,7 +31,24 @@ struct File {
     policies: OneOrMany,
     #[serde(default)]
     ruleset: Option<PathBuf>,
+    /// WASM plugins for `policies` (a `ruleset` carries its own):
+    /// `name: file.wasm`, or `name: {file, config, failOpen}`.
+    #[serde(default)]
+    plugins: BTreeMap<String, TestPlugin>,
     expect: Vec<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TestPlugin {
+    File(PathBuf),
+    Full {
+        file: PathBuf,
+        #[serde(default)]
+        config: Option<PathBuf>,
+        #[serde(default, rename = "failOpen")]
+        fail_open: bool,
+    },
 }
 
 #[derive(Deserialize, Default)]
@@ -266,24 +284,59 @@ pub fn run(path: &Path) -> Result<Report, String> {
     let policy_paths = f.policies.paths(base);
     let mut all = cluster_paths.clone();
     all.extend(policy_paths);
+    let specs = f
+        .plugins
+        .iter()
+        .map(|(name, p)| match p {
+            TestPlugin::File(w) => PluginSpec::from_files(name, &base.join(w), None, false),
+            TestPlugin::Full {
+                file: w,
+                config,
+                fail_open,
+            } => PluginSpec::from_files(
+                name,
+                &base.join(w),
+                config.as_ref().map(|c| base.join(c)).as_deref(),
+                *fail_open,
+            ),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{file}: {e}"))?;
+    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
     let loaded = if all.is_empty() {
         source::Loaded::default()
     } else {
-        source::load(&all).map_err(|d| format!("{file}: inputs:\n{d}"))?
+        source::load_with(&all, &names).map_err(|d| format!("{file}: inputs:\n{d}"))?
     };
     let rs = match &f.ruleset {
         Some(r) => {
-            if !loaded.policies.is_empty() {
-                return Err(format!("{file}: give `ruleset` or policies, not both"));
+            if !loaded.policies.is_empty() || !specs.is_empty() {
+                return Err(format!(
+                    "{file}: give `ruleset` or policies (with plugins), not both"
+                ));
             }
             let p = base.join(r);
             let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
             Ruleset::decode(&bytes).map_err(|e| format!("{}: {e}", p.display()))?
         }
-        None => compile::compile(&loaded),
+        None => {
+            let mut rs = compile::compile(&loaded);
+            plugins::embed(&mut rs, specs).map_err(|e| format!("{file}: {e}"))?;
+            rs
+        }
     };
-    let ev = Evaluator::new(&rs);
-    let cluster = &loaded.cluster;
+    let mut cluster = loaded.cluster;
+    let plugins = Plugins::offline(&rs).map_err(|e| format!("{file}: {e}"))?;
+    let ev = match &plugins {
+        Some(p) => {
+            for w in p.resolve_cluster(&mut cluster) {
+                eprintln!("{file}: warning: {w}");
+            }
+            Evaluator::new(&rs).with_hooks(p)
+        }
+        None => Evaluator::new(&rs),
+    };
+    let cluster = &cluster;
     let outcomes = exps
         .into_iter()
         .map(|e| {

@@ -20,6 +20,10 @@ pub struct ClusterPod {
     /// Primary first (status.podIP), then the other status.podIPs.
     pub ips: Vec<IpAddr>,
     pub ports: Vec<NamedPort>,
+    /// For resolver plugins.
+    pub annotations: BTreeMap<String, String>,
+    /// Container images (init containers last), for resolver plugins.
+    pub images: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -36,6 +36,34 @@ pub struct Flow<'a> {
     pub protocol: Protocol,
 }
 
+/// What a decide plugin answered for an `ask` rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookAnswer {
+    Abstain,
+    Allow,
+    Deny,
+    /// The plugin failed (trap, timeout, bad output), or no plugin host is
+    /// attached: the rule denies (fail-closed).
+    Failed,
+}
+
+impl HookAnswer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookAnswer::Abstain => "abstain",
+            HookAnswer::Allow => "allow",
+            HookAnswer::Deny => "deny",
+            HookAnswer::Failed => "failed (deny)",
+        }
+    }
+}
+
+/// Runs decide plugins for `ask` rules. Implemented over wasmtime in
+/// `plugins`; a trait so that evaluation does not depend on the sandbox.
+pub trait Hooks: Sync {
+    fn decide(&self, plugin: u32, dir: Direction, flow: &Flow<'_>) -> HookAnswer;
+}
+
 /// Why one direction was allowed or denied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
@@ -46,8 +74,14 @@ pub enum Reason {
     Rule {
         policy: u32,
         rule: u32,
+        /// What the rule did: for `ask` rules, the plugin's allow or deny.
         action: Action,
+        /// For `ask` rules: the plugin's answer.
+        answer: Option<HookAnswer>,
     },
+    /// The workload's resolver plugin failed, so its identity is unknown:
+    /// denied (fail-closed).
+    Unresolved,
     /// Selected by these namespace-tier policies, and none of their rules matched.
     Isolated { policies: Vec<u32> },
     /// No policy governs this workload in this direction.
@@ -74,14 +108,14 @@ pub struct Decision {
 /// and the identity's labels encoded for the rules of the other end (so a
 /// holder that precomputes this per workload never encodes per decision).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applicable(Vec<u32>, Option<crate::subjects::Encoded>);
+pub struct Applicable(Vec<u32>, Option<crate::subjects::Encoded>, bool);
 
 impl Applicable {
     /// Policy indices in ascending (= evaluation) order.
     pub fn from_vec(mut v: Vec<u32>) -> Self {
         v.sort_unstable();
         v.dedup();
-        Applicable(v, None)
+        Applicable(v, None, false)
     }
 
     pub fn policies(&self) -> &[u32] {
@@ -92,6 +126,7 @@ impl Applicable {
 pub struct Evaluator<'r> {
     rs: &'r Ruleset,
     subjects: std::borrow::Cow<'r, SubjectIndex>,
+    hooks: Option<&'r dyn Hooks>,
 }
 
 impl<'r> Evaluator<'r> {
@@ -99,6 +134,42 @@ impl<'r> Evaluator<'r> {
         Evaluator {
             rs,
             subjects: std::borrow::Cow::Owned(SubjectIndex::new(&rs.policies)),
+            hooks: None,
+        }
+    }
+
+    /// Attaches the plugins `ask` rules consult. Without them an `ask` rule
+    /// fails closed.
+    pub fn with_hooks(mut self, hooks: &'r dyn Hooks) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    /// The plugin's answer for an `ask` rule.
+    pub fn ask(&self, plugin: u32, dir: Direction, flow: &Flow<'_>) -> HookAnswer {
+        self.hooks
+            .map_or(HookAnswer::Failed, |h| h.decide(plugin, dir, flow))
+    }
+
+    /// The action of a rule whose ports and peers match: its own, or the
+    /// plugin's for `ask` (`None`: the plugin abstained; the rule does not apply).
+    fn action_of(
+        &self,
+        r: &Rule,
+        dir: Direction,
+        flow: &Flow<'_>,
+    ) -> (Option<Action>, Option<HookAnswer>) {
+        match r.action {
+            Action::Ask(k) => {
+                let a = self.ask(k, dir, flow);
+                let act = match a {
+                    HookAnswer::Allow => Some(Action::Allow),
+                    HookAnswer::Deny | HookAnswer::Failed => Some(Action::Deny),
+                    HookAnswer::Abstain => None,
+                };
+                (act, Some(a))
+            }
+            a => (Some(a), None),
         }
     }
 
@@ -109,6 +180,7 @@ impl<'r> Evaluator<'r> {
         Evaluator {
             rs,
             subjects: std::borrow::Cow::Borrowed(subjects),
+            hooks: None,
         }
     }
 
@@ -119,7 +191,12 @@ impl<'r> Evaluator<'r> {
     /// Policies selecting `id`, in ruleset order (= tier, then priority).
     pub fn applicable(&self, id: &Identity) -> Applicable {
         let labels = self.subjects.encode(id);
-        Applicable(self.subjects.lookup_encoded(&labels), Some(labels))
+        let unresolved = id.get(UNRESOLVED_KEY).is_some();
+        Applicable(
+            self.subjects.lookup_encoded(&labels),
+            Some(labels),
+            unresolved,
+        )
     }
 
     pub fn evaluate(&self, flow: &Flow<'_>) -> Decision {
@@ -232,6 +309,9 @@ impl<'r> Evaluator<'r> {
         labels: Option<&[(u32, u32)]>,
         flow: &Flow<'_>,
     ) -> bool {
+        if app.2 {
+            return false;
+        }
         let policies = &self.rs.policies;
         let mut in_admin = true;
         let mut isolated = false;
@@ -241,26 +321,27 @@ impl<'r> Evaluator<'r> {
                 Tier::Admin if !in_admin => continue,
                 Tier::Admin => {
                     for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
-                        if self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
-                            match r.action {
-                                Action::Allow => return true,
-                                Action::Deny => return false,
-                                Action::Pass => {
-                                    in_admin = false;
-                                    break;
-                                }
+                        if !self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
+                            continue;
+                        }
+                        match self.action_of(r, dir, flow).0 {
+                            Some(Action::Allow) => return true,
+                            Some(Action::Deny) => return false,
+                            Some(_) => {
+                                in_admin = false;
+                                break;
                             }
+                            None => {}
                         }
                     }
                 }
                 Tier::Namespace => {
                     let Some(rules) = p.rules(dir) else { continue };
                     isolated = true;
-                    if rules
-                        .iter()
-                        .enumerate()
-                        .any(|(ri, r)| self.rule_ok(pi, dir, ri, r, peer, labels, flow))
-                    {
+                    if rules.iter().enumerate().any(|(ri, r)| {
+                        self.rule_ok(pi, dir, ri, r, peer, labels, flow)
+                            && self.action_of(r, dir, flow).0 == Some(Action::Allow)
+                    }) {
                         return true;
                     }
                 }
@@ -269,9 +350,12 @@ impl<'r> Evaluator<'r> {
                         return false;
                     }
                     for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
+                        if !self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
+                            continue;
+                        }
                         // Pass in the baseline tier hands over to the default: allow.
-                        if self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
-                            return r.action != Action::Deny;
+                        if let Some(a) = self.action_of(r, dir, flow).0 {
+                            return a != Action::Deny;
                         }
                     }
                 }
@@ -295,6 +379,9 @@ impl<'r> Evaluator<'r> {
             reason,
             passed_by,
         };
+        if app.2 {
+            return verdict(false, Reason::Unresolved, passed_by);
+        }
         let policies = &self.rs.policies;
         let mut tier_start = 0;
         // Admin tier.
@@ -306,25 +393,30 @@ impl<'r> Evaluator<'r> {
             }
             tier_start = n + 1;
             for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
-                if self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
-                    let reason = Reason::Rule {
-                        policy: pi,
-                        rule: ri as u32,
-                        action: r.action,
-                    };
-                    match r.action {
-                        Action::Allow => return verdict(true, reason, passed_by),
-                        Action::Deny => return verdict(false, reason, passed_by),
-                        Action::Pass => {
-                            passed_by.push((pi, ri as u32));
-                            // Skip the rest of the admin tier.
-                            tier_start = app
-                                .0
-                                .iter()
-                                .position(|&q| policies[q as usize].tier != Tier::Admin)
-                                .unwrap_or(app.0.len());
-                            break 'admin;
-                        }
+                if !self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
+                    continue;
+                }
+                let (Some(action), answer) = self.action_of(r, dir, flow) else {
+                    continue;
+                };
+                let reason = Reason::Rule {
+                    policy: pi,
+                    rule: ri as u32,
+                    action,
+                    answer,
+                };
+                match action {
+                    Action::Allow => return verdict(true, reason, passed_by),
+                    Action::Deny => return verdict(false, reason, passed_by),
+                    _ => {
+                        passed_by.push((pi, ri as u32));
+                        // Skip the rest of the admin tier.
+                        tier_start = app
+                            .0
+                            .iter()
+                            .position(|&q| policies[q as usize].tier != Tier::Admin)
+                            .unwrap_or(app.0.len());
+                        break 'admin;
                     }
                 }
             }
@@ -342,16 +434,18 @@ impl<'r> Evaluator<'r> {
             let Some(rules) = p.rules(dir) else { continue };
             isolating.push(pi);
             for (ri, r) in rules.iter().enumerate() {
-                if self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
-                    return verdict(
-                        true,
-                        Reason::Rule {
-                            policy: pi,
-                            rule: ri as u32,
-                            action: r.action,
-                        },
-                        passed_by,
-                    );
+                if !self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
+                    continue;
+                }
+                // This tier only allows: an ask answered otherwise is no match.
+                if let (Some(Action::Allow), answer) = self.action_of(r, dir, flow) {
+                    let reason = Reason::Rule {
+                        policy: pi,
+                        rule: ri as u32,
+                        action: Action::Allow,
+                        answer,
+                    };
+                    return verdict(true, reason, passed_by);
                 }
             }
         }
@@ -368,20 +462,24 @@ impl<'r> Evaluator<'r> {
         for &pi in &app.0[n..] {
             let p = &policies[pi as usize];
             for (ri, r) in p.rules(dir).into_iter().flatten().enumerate() {
-                let matched = self.rule_ok(pi, dir, ri, r, peer, labels, flow);
-                if matched && r.action == Action::Pass {
+                if !self.rule_ok(pi, dir, ri, r, peer, labels, flow) {
+                    continue;
+                }
+                let (Some(action), answer) = self.action_of(r, dir, flow) else {
+                    continue;
+                };
+                if action == Action::Pass {
                     // The next tier after the baseline is the default.
                     passed_by.push((pi, ri as u32));
                     return verdict(true, Reason::Default, passed_by);
                 }
-                if matched {
-                    let reason = Reason::Rule {
-                        policy: pi,
-                        rule: ri as u32,
-                        action: r.action,
-                    };
-                    return verdict(r.action == Action::Allow, reason, passed_by);
-                }
+                let reason = Reason::Rule {
+                    policy: pi,
+                    rule: ri as u32,
+                    action,
+                    answer,
+                };
+                return verdict(action == Action::Allow, reason, passed_by);
             }
         }
         verdict(true, Reason::Default, passed_by)

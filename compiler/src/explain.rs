@@ -12,6 +12,17 @@ fn loc(rs: &Ruleset, file: u32, line: u32, col: u32) -> String {
     }
 }
 
+/// A rule's action with plugins named (`ask deny-list`).
+pub fn action(rs: &Ruleset, a: Action) -> String {
+    match a {
+        Action::Ask(k) => match rs.plugins.get(k as usize) {
+            Some(p) => format!("ask {}", p.name),
+            None => format!("ask plugin #{k} (missing from the ruleset)"),
+        },
+        a => a.to_string(),
+    }
+}
+
 fn policy_ref(rs: &Ruleset, p: &Policy) -> String {
     format!(
         "{} ({})",
@@ -32,17 +43,25 @@ pub fn direction(rs: &Ruleset, v: &DirectionVerdict, who: &str) -> String {
         Reason::Rule {
             policy,
             rule,
-            action,
+            action: act,
+            answer,
         } => {
             let p = &rs.policies[*policy as usize];
             let r = &p.rules(dir).expect("rule of this direction")[*rule as usize];
+            let what = match answer {
+                Some(a) => format!("{}: {}", action(rs, r.action), a.as_str()),
+                None => act.to_string(),
+            };
             format!(
-                "{verdict}: {dir} rule #{} of {} ({action}) at {}",
+                "{verdict}: {dir} rule #{} of {} ({what}) at {}",
                 rule + 1,
                 policy_ref(rs, p),
                 loc(rs, r.source.file, r.source.line, r.source.col)
             )
         }
+        Reason::Unresolved => format!(
+            "{verdict}: the resolver plugin failed for {who}, so its identity is unknown (fail-closed)"
+        ),
         Reason::Isolated { policies } => {
             let names: Vec<String> = policies
                 .iter()
@@ -134,16 +153,23 @@ pub fn walk(ev: &Evaluator<'_>, flow: &Flow<'_>, from: &str, to: &str) -> Vec<St
             }
             for (ri, r) in rules.iter().enumerate() {
                 let (ports, peers) = rule_parts(r, peer, flow);
-                let what = match (ports, peers) {
-                    (true, true) => format!("matches -> {}", r.action),
-                    (false, true) => "ports do not match".to_string(),
-                    (true, false) => "peers do not match".to_string(),
-                    (false, false) => "neither ports nor peers match".to_string(),
+                let what = match (ports, peers, r.action) {
+                    (true, true, Action::Ask(k)) => {
+                        format!(
+                            "matches -> {}: {}",
+                            action(rs, r.action),
+                            ev.ask(k, dir, flow).as_str()
+                        )
+                    }
+                    (true, true, _) => format!("matches -> {}", r.action),
+                    (false, true, _) => "ports do not match".to_string(),
+                    (true, false, _) => "peers do not match".to_string(),
+                    (false, false, _) => "neither ports nor peers match".to_string(),
                 };
                 out.push(format!(
                     "      rule #{} ({}) at {}: {what}",
                     ri + 1,
-                    r.action,
+                    action(rs, r.action),
                     loc(rs, r.source.file, r.source.line, r.source.col)
                 ));
                 if decided == Some((pi, ri as u32)) {

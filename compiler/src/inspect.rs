@@ -22,7 +22,7 @@ fn write_rules(
             out,
             "    {dir} rule #{} {} ({file}:{}:{})",
             i + 1,
-            r.action,
+            crate::explain::action(rs, r.action),
             r.source.line,
             r.source.col
         )?;
@@ -54,6 +54,24 @@ pub fn write(rs: &Ruleset, out: &mut impl Write) -> io::Result<()> {
         rs.rule_count()
     )?;
     writeln!(out, "label keys read: {}", rs.label_keys.join(", "))?;
+    if !rs.plugins.is_empty() {
+        writeln!(out, "plugins:")?;
+        for p in &rs.plugins {
+            writeln!(
+                out,
+                "  {}: {} bytes, sha256:{}{}{}",
+                p.name,
+                p.wasm.len(),
+                crate::ruleset::hex(&p.sha256),
+                if p.settings.is_some() {
+                    ", with settings"
+                } else {
+                    ""
+                },
+                if p.fail_open { ", FAIL-OPEN" } else { "" }
+            )?;
+        }
+    }
     writeln!(out, "sources:")?;
     for s in &rs.sources {
         writeln!(out, "  {s}")?;

@@ -14,6 +14,8 @@ pub mod inspect;
 pub mod matrix;
 pub mod model;
 pub mod names;
+pub mod plugin_test;
+pub mod plugins;
 pub mod rules;
 pub mod ruleset;
 pub mod source;

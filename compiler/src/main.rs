@@ -9,8 +9,30 @@ use std::process::ExitCode;
 use trireme_compiler::cluster::{Cluster, Workload};
 use trireme_compiler::eval::{Endpoint, Evaluator, Flow};
 use trireme_compiler::model::Protocol;
+use trireme_compiler::plugins::{self, Plugins};
 use trireme_compiler::ruleset::Ruleset;
 use trireme_compiler::{compile, explain, matrix, source};
+
+/// WASM plugins to embed (compile) or to use with policies from -f.
+#[derive(clap::Args, Clone, Default)]
+struct PluginArgs {
+    /// Embed a plugin: NAME=FILE.wasm (repeatable); rule files `ask NAME`.
+    #[arg(long = "plugin", value_name = "NAME=FILE")]
+    plugins: Vec<String>,
+    /// Settings for a plugin's trireme_init: NAME=FILE (JSON or YAML).
+    #[arg(long = "plugin-config", value_name = "NAME=FILE")]
+    configs: Vec<String>,
+    /// UNSAFE: when NAME fails, abstain / keep the workload's own labels
+    /// instead of denying.
+    #[arg(long = "plugin-fail-open", value_name = "NAME")]
+    fail_open: Vec<String>,
+}
+
+impl PluginArgs {
+    fn is_empty(&self) -> bool {
+        self.plugins.is_empty() && self.configs.is_empty() && self.fail_open.is_empty()
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +58,8 @@ enum Cmd {
         /// Treat lint warnings (rule-language files) as errors.
         #[arg(long)]
         deny_warnings: bool,
+        #[command(flatten)]
+        plugins: PluginArgs,
     },
     /// Print rule-language files (`.trireme`) in canonical form.
     Fmt {
@@ -67,6 +91,8 @@ enum Cmd {
         /// Walk the decision tier by tier and rule by rule (= `trireme explain`).
         #[arg(short, long)]
         verbose: bool,
+        #[command(flatten)]
+        plugins: PluginArgs,
     },
     /// `check -v`: why a connection is allowed or denied, rule by rule.
     Explain {
@@ -80,6 +106,8 @@ enum Cmd {
         to: String,
         #[arg(long, value_parser = parse_port)]
         port: (u16, Protocol),
+        #[command(flatten)]
+        plugins: PluginArgs,
     },
     /// Reachability of every ordered pair of pods in the snapshot.
     Matrix {
@@ -92,6 +120,8 @@ enum Cmd {
         ports: Vec<(u16, Protocol)>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
         output: Format,
+        #[command(flatten)]
+        plugins: PluginArgs,
     },
     /// Print a compiled ruleset in readable form.
     Inspect { ruleset: PathBuf },
@@ -120,6 +150,11 @@ enum Cmd {
         ports: Vec<(u16, Protocol)>,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Text)]
         output: Format,
+    },
+    /// Work on a WASM plugin on its own.
+    Plugin {
+        #[command(subcommand)]
+        cmd: PluginCmd,
     },
     /// Cluster CA and node credentials for PKI mode.
     Pki {
@@ -157,6 +192,21 @@ enum PkiCmd {
     },
     /// Describe a certificate, private key or key token file.
     Inspect { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum PluginCmd {
+    /// Validate a module against ABI v1 and describe it.
+    Inspect { wasm: PathBuf },
+    /// Run a plugin against recorded inputs and expected outputs (YAML).
+    /// Exit 0 all passed, 1 some failed, 2 the plugin or file is broken.
+    Test {
+        wasm: PathBuf,
+        cases: PathBuf,
+        /// Print every case, not only failures.
+        #[arg(short, long)]
+        verbose: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -210,15 +260,26 @@ fn read_ruleset(path: &PathBuf) -> Result<Ruleset, Failed> {
     Ruleset::decode(&bytes).map_err(|e| fail(format!("error: {}: {e}", path.display())))
 }
 
-/// Policies from --ruleset or from -f, and the snapshot from -f.
+/// Policies from --ruleset or from -f (with plugins from --plugin), and
+/// the snapshot from -f, its identities resolved by the ruleset's
+/// resolver plugins.
 fn ruleset_and_cluster(
     files: &[PathBuf],
     ruleset: Option<&PathBuf>,
-) -> Result<(Ruleset, Cluster), Failed> {
+    pargs: &PluginArgs,
+) -> Result<(Ruleset, Cluster, Option<Plugins>), Failed> {
+    if ruleset.is_some() && !pargs.is_empty() {
+        return Err(fail(
+            "error: --plugin options apply to policies from -f; a compiled --ruleset carries its own plugins",
+        ));
+    }
+    let specs = plugins::read_specs(&pargs.plugins, &pargs.configs, &pargs.fail_open)
+        .map_err(|e| fail(format!("error: {e}")))?;
+    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
     let loaded = if files.is_empty() {
         source::Loaded::default()
     } else {
-        source::load(files).map_err(fail)?
+        source::load_with(files, &names).map_err(fail)?
     };
     let rs = match ruleset {
         Some(path) => {
@@ -230,9 +291,27 @@ fn ruleset_and_cluster(
             }
             read_ruleset(path)?
         }
-        None => compile::compile(&loaded),
+        None => {
+            let mut rs = compile::compile(&loaded);
+            plugins::embed(&mut rs, specs).map_err(|e| fail(format!("error: {e}")))?;
+            rs
+        }
     };
-    Ok((rs, loaded.cluster))
+    let mut cluster = loaded.cluster;
+    let plugins = Plugins::offline(&rs).map_err(|e| fail(format!("error: {e}")))?;
+    if let Some(p) = &plugins {
+        for w in p.resolve_cluster(&mut cluster) {
+            eprintln!("warning: {w}");
+        }
+    }
+    Ok((rs, cluster, plugins))
+}
+
+fn evaluator<'r>(rs: &'r Ruleset, plugins: &'r Option<Plugins>) -> Evaluator<'r> {
+    match plugins {
+        Some(p) => Evaluator::new(rs).with_hooks(p),
+        None => Evaluator::new(rs),
+    }
 }
 
 enum Party<'a> {
@@ -295,8 +374,18 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
             files,
             output,
             deny_warnings,
+            plugins: pargs,
         } => {
-            let loaded = source::load(&files).map_err(fail)?;
+            let specs = plugins::read_specs(&pargs.plugins, &pargs.configs, &pargs.fail_open)
+                .map_err(|e| fail(format!("error: {e}")))?;
+            for s in specs.iter().filter(|s| s.fail_open) {
+                eprintln!(
+                    "warning: plugin {} is FAIL-OPEN: when it fails, nodes abstain instead of denying",
+                    s.name
+                );
+            }
+            let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+            let loaded = source::load_with(&files, &names).map_err(fail)?;
             for w in &loaded.warnings {
                 eprintln!("{}", warning(w));
             }
@@ -306,7 +395,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
                     loaded.warnings.len()
                 )));
             }
-            let rs = compile::compile(&loaded);
+            let mut rs = compile::compile(&loaded);
+            plugins::embed(&mut rs, specs).map_err(|e| fail(format!("error: {e}")))?;
             let bytes = rs.encode();
             // Write beside the target and rename: never leave a half-written ruleset.
             let tmp = output.with_extension("tmp~");
@@ -314,10 +404,14 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 .and_then(|_| std::fs::rename(&tmp, &output))
                 .map_err(|e| fail(format!("error: {}: {e}", output.display())))?;
             println!(
-                "compiled {} policies, {} rules from {} files into {} ({} bytes, sha256:{})",
+                "compiled {} policies, {} rules from {} files{} into {} ({} bytes, sha256:{})",
                 rs.policies.len(),
                 rs.rule_count(),
                 rs.sources.len(),
+                match rs.plugins.len() {
+                    0 => String::new(),
+                    n => format!(" and {n} plugin(s)"),
+                },
                 output.display(),
                 bytes.len(),
                 rs.content_hash()
@@ -330,6 +424,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
             from,
             to,
             port,
+            plugins,
         } => run(Cli {
             cmd: Cmd::Check {
                 files,
@@ -338,6 +433,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 to,
                 port,
                 verbose: true,
+                plugins,
             },
         }),
         Cmd::Check {
@@ -347,10 +443,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
             to,
             port,
             verbose,
+            plugins: pargs,
         } => {
-            let (rs, cluster) = ruleset_and_cluster(&files, ruleset.as_ref())?;
+            let (rs, cluster, plugins) = ruleset_and_cluster(&files, ruleset.as_ref(), &pargs)?;
             let (src, dst) = (party(&cluster, &from)?, party(&cluster, &to)?);
-            let ev = Evaluator::new(&rs);
+            let ev = evaluator(&rs, &plugins);
             let flow = Flow {
                 src: endpoint(&src),
                 dst: endpoint(&dst),
@@ -383,9 +480,10 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
             ruleset,
             ports,
             output,
+            plugins: pargs,
         } => {
-            let (rs, cluster) = ruleset_and_cluster(&files, ruleset.as_ref())?;
-            let ev = Evaluator::new(&rs);
+            let (rs, cluster, plugins) = ruleset_and_cluster(&files, ruleset.as_ref(), &pargs)?;
+            let ev = evaluator(&rs, &plugins);
             let m = matrix::compute(&ev, &cluster, &ports);
             let stdout = std::io::stdout();
             let mut out = BufWriter::new(stdout.lock());
@@ -593,6 +691,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 ExitCode::from(1)
             })
         }
+        Cmd::Plugin { cmd } => plugin_cmd(cmd),
         Cmd::Inspect { ruleset } => {
             let rs = read_ruleset(&ruleset)?;
             let stdout = std::io::stdout();
@@ -601,6 +700,42 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
                 .and_then(|_| out.flush())
                 .map_err(|e| fail(format!("error: writing output: {e}")))?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn plugin_cmd(cmd: PluginCmd) -> Result<ExitCode, Failed> {
+    use trireme_compiler::plugin_test;
+    match cmd {
+        PluginCmd::Inspect { wasm } => {
+            let text = plugin_test::inspect(&wasm).map_err(|e| fail(format!("error: {e}")))?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCmd::Test {
+            wasm,
+            cases,
+            verbose,
+        } => {
+            let report =
+                plugin_test::run(&wasm, &cases).map_err(|e| fail(format!("error: {e}")))?;
+            let mut failed = 0;
+            for c in &report.cases {
+                match &c.failure {
+                    None if verbose => println!("ok    {}: {}", c.name, c.got),
+                    None => {}
+                    Some(why) => {
+                        failed += 1;
+                        println!("FAIL  {}: {why}", c.name);
+                    }
+                }
+            }
+            println!("{} passed, {failed} failed", report.cases.len() - failed);
+            Ok(if failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

@@ -15,6 +15,9 @@ use std::net::IpAddr;
 pub const NAMESPACE_KEY: &str = "@namespace";
 /// Prefix of system labels copied from the workload's namespace labels.
 pub const NS_LABEL_PREFIX: &str = "@ns:";
+/// System label marking a workload whose resolver plugin failed: it is
+/// denied everything (fail-closed). The value names the plugin.
+pub const UNRESOLVED_KEY: &str = "@unresolved";
 /// Label the API server puts on every namespace (immutable, = its name).
 pub const K8S_NS_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
@@ -319,15 +322,19 @@ pub enum Action {
     Deny,
     /// Admin tier only: skip the remaining admin rules, continue at the namespace tier.
     Pass,
+    /// Ask a decide plugin (index into the ruleset's plugins): its allow or
+    /// deny is this rule's action; abstain means the rule does not match.
+    Ask(u32),
 }
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Action::Allow => "allow",
-            Action::Deny => "deny",
-            Action::Pass => "pass",
-        })
+        match self {
+            Action::Allow => f.write_str("allow"),
+            Action::Deny => f.write_str("deny"),
+            Action::Pass => f.write_str("pass"),
+            Action::Ask(k) => write!(f, "ask plugin #{k}"),
+        }
     }
 }
 

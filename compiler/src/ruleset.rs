@@ -13,17 +13,26 @@ use std::collections::BTreeSet;
 
 pub const MAGIC: &[u8; 8] = b"TRIREME\x00";
 pub const FORMAT_MAJOR: u16 = 1;
-pub const FORMAT_MINOR: u16 = 0;
+/// 1.1 added plugin settings and fail-open, and the `ask` action; a 1.0
+/// reader refuses a 1.1 ruleset that uses them (decode error) and reads the
+/// rest unchanged.
+pub const FORMAT_MINOR: u16 = 1;
 const HEADER_LEN: usize = 8 + 2 + 2 + 8 + 32;
 /// Upper bound on a body we are willing to decode (sanity, not a tuning knob).
 pub const MAX_BODY: u64 = 1 << 31;
 
-/// A WebAssembly plugin carried by the ruleset (filled by the plugin issue).
+/// A WebAssembly plugin carried by the ruleset (docs/plugin-abi.md),
+/// pinned by its sha256. Sorted by name: `Action::Ask` indexes this table.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Plugin {
     pub name: String,
     pub sha256: [u8; 32],
     pub wasm: Vec<u8>,
+    /// JSON handed to the plugin's `trireme_init`.
+    pub settings: Option<String>,
+    /// On a plugin failure: abstain / keep the workload's own labels,
+    /// instead of denying. Unsafe; the node logs it at start.
+    pub fail_open: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +165,30 @@ impl Ruleset {
         }
         if !self.policies.is_sorted() {
             return Err("policies are not in canonical order".into());
+        }
+        if !self.plugins.windows(2).all(|w| w[0].name < w[1].name) {
+            return Err("plugins are not sorted by unique name".into());
+        }
+        for p in &self.plugins {
+            if <[u8; 32]>::from(Sha256::digest(&p.wasm)) != p.sha256 {
+                return Err(format!(
+                    "plugin {}: module does not match its sha256",
+                    p.name
+                ));
+            }
+        }
+        let n = self.plugins.len() as u32;
+        for p in &self.policies {
+            let rules = p.ingress.iter().chain(p.egress.iter()).flatten();
+            if rules
+                .into_iter()
+                .any(|r| matches!(r.action, crate::model::Action::Ask(k) if k >= n))
+            {
+                return Err(format!(
+                    "policy {} asks a plugin missing from the ruleset",
+                    p.name
+                ));
+            }
         }
         Ok(())
     }

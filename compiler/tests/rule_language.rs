@@ -412,7 +412,7 @@ fn mutated_input_never_panics() {
         }
         let text = String::from_utf8_lossy(&b);
         let name: std::sync::Arc<str> = std::sync::Arc::from("m.trireme");
-        let _ = trireme_compiler::rules::load(&name, &text, 0);
+        let _ = trireme_compiler::rules::load(&name, &text, 0, &[]);
         let _ = trireme_compiler::rules::format_text(&name, &text);
     }
 }
@@ -427,7 +427,7 @@ fn fuzz_regressions_stay_fixed() {
         let p = e.unwrap().path();
         let text = String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned();
         let name: std::sync::Arc<str> = std::sync::Arc::from(p.display().to_string());
-        let _ = trireme_compiler::rules::load(&name, &text, 0);
+        let _ = trireme_compiler::rules::load(&name, &text, 0, &[]);
         if let Ok(tree) = parse::parse(&text) {
             let out = format::format(&tree, &text);
             assert_eq!(parse::parse(&out).unwrap(), tree, "{}", p.display());

@@ -136,6 +136,29 @@ pub fn labels_json(labels: &BTreeMap<String, String>) -> String {
     serde_json::to_string(labels).expect("string map serializes")
 }
 
+/// `resolve`'s input: what the host knows about a workload. Maps are sorted
+/// and the JSON is compact, so equal workloads give equal bytes (and hit
+/// the memo).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// `pod`, `container` or `netns`.
+    pub kind: String,
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub namespace_labels: BTreeMap<String, String>,
+    /// Container images, in declaration order.
+    pub images: Vec<String>,
+}
+
+impl Workload {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("plain data serializes")
+    }
+}
+
 /// Metadata a plugin may carry in its `trireme.plugin` custom section.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

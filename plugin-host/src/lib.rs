@@ -13,7 +13,7 @@ mod host;
 mod limits;
 mod plugin;
 
-pub use abi::{Metadata, Query, QueryDirection, Verdict};
+pub use abi::{Metadata, Query, QueryDirection, Verdict, Workload};
 pub use error::{CallError, LoadError};
 pub use host::{Host, Level, LogSink, hex};
 pub use limits::{Budget, Limits};

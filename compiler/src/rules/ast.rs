@@ -55,11 +55,13 @@ pub struct ReqAst {
     pub kind: ReqKind,
 }
 
-/// `allow`, `deny`, `pass`, or `isolate` (namespace tier: govern a
-/// direction without allowing anything).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `allow`, `deny`, `pass`, `ask PLUGIN`, or `isolate` (namespace tier:
+/// govern a direction without allowing anything).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verb {
     Act(Action),
+    /// A decide plugin, by name.
+    Ask(String),
     Isolate,
 }
 

@@ -76,11 +76,13 @@ fn port(p: &PortAst) -> String {
 }
 
 pub fn rule(r: &RuleAst) -> String {
-    let verb = match r.verb {
-        Verb::Act(Action::Allow) => "allow",
-        Verb::Act(Action::Deny) => "deny",
-        Verb::Act(Action::Pass) => "pass",
-        Verb::Isolate => "isolate",
+    let verb = match &r.verb {
+        Verb::Act(Action::Allow) => "allow".to_string(),
+        Verb::Act(Action::Deny) => "deny".to_string(),
+        Verb::Act(Action::Pass) => "pass".to_string(),
+        Verb::Act(Action::Ask(_)) => unreachable!("the parser makes Verb::Ask"),
+        Verb::Ask(name) => format!("ask {name}"),
+        Verb::Isolate => "isolate".to_string(),
     };
     let (dir, word) = match r.direction {
         Direction::Ingress => ("ingress", "from"),

@@ -22,6 +22,9 @@ pub struct Lowered {
 
 struct Ctx<'a> {
     file_index: u32,
+    /// Decide plugins given to the compiler, sorted: `ask NAME` lowers to
+    /// the index of NAME here (= its index in the ruleset).
+    plugins: &'a [String],
     lines: &'a super::LineIndex,
     out: Lowered,
 }
@@ -263,7 +266,7 @@ impl Ctx<'_> {
                 Direction::Egress => &mut egress,
             };
             let rules = slot.get_or_insert_with(Vec::new);
-            let action = match (r.verb, tier) {
+            let action = match (&r.verb, tier) {
                 (Verb::Isolate, Tier::Namespace) => continue,
                 (Verb::Isolate, _) => {
                     self.err(r.pos, "`isolate` is for namespace-tier policies; in an ordered tier write `deny ... ` as the last rule");
@@ -278,7 +281,19 @@ impl Ctx<'_> {
                     self.err(r.pos, "`pass` is for `tier admin` policies (it hands the decision to the namespace tier)");
                     continue;
                 }
-                (Verb::Act(a), _) => a,
+                (Verb::Ask(name), _) => match self.plugins.binary_search(name) {
+                    Ok(k) => Action::Ask(k as u32),
+                    Err(_) => {
+                        let known = if self.plugins.is_empty() {
+                            "none were given".to_string()
+                        } else {
+                            format!("given: {}", self.plugins.join(", "))
+                        };
+                        self.err(r.pos, format!("unknown plugin {name:?} ({known}); pass it to the compiler as --plugin {name}=FILE.wasm"));
+                        continue;
+                    }
+                },
+                (Verb::Act(a), _) => *a,
             };
             // Lint: an earlier rule of this direction that matches everything, or the same rule.
             for earlier in &p.rules[..k] {
@@ -322,9 +337,15 @@ impl Ctx<'_> {
     }
 }
 
-pub fn lower(file: &File, lines: &super::LineIndex, file_index: u32) -> Lowered {
+pub fn lower(
+    file: &File,
+    lines: &super::LineIndex,
+    file_index: u32,
+    plugins: &[String],
+) -> Lowered {
     let mut cx = Ctx {
         file_index,
+        plugins,
         lines,
         out: Lowered::default(),
     };

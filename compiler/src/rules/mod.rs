@@ -72,14 +72,20 @@ fn diag(file: &Arc<str>, lines: &LineIndex, offset: usize, msg: &str) -> Diagnos
 
 /// Parse, validate and lower one rule file. All syntax errors (one per
 /// broken policy) or all validation errors are returned together.
-pub fn load(file: &Arc<str>, text: &str, file_index: u32) -> Result<Loaded, Vec<Diagnostic>> {
+/// `plugins`: the decide plugins `ask` may name, sorted.
+pub fn load(
+    file: &Arc<str>,
+    text: &str,
+    file_index: u32,
+    plugins: &[String],
+) -> Result<Loaded, Vec<Diagnostic>> {
     let lines = LineIndex::new(text);
     let ast = parse::parse(text).map_err(|errs| {
         errs.iter()
             .map(|e| diag(file, &lines, e.offset, &e.message))
             .collect::<Vec<_>>()
     })?;
-    let low = lower::lower(&ast, &lines, file_index);
+    let low = lower::lower(&ast, &lines, file_index, plugins);
     if !low.errors.is_empty() {
         return Err(low
             .errors

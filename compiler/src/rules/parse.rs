@@ -369,6 +369,21 @@ fn port(i: &str) -> R<'_, PortAst> {
     }
 }
 
+/// `ask NAME`: a decide plugin given to the compiler as `--plugin NAME=FILE`.
+fn ask(i: &str) -> R<'_, Verb> {
+    let (i, _) = kw(i, "ask")?;
+    let (i, _) = ws(i)?;
+    match take_while1::<_, _, PErr>(|c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        .parse(i)
+    {
+        Ok((r, n)) if !KEYWORDS.contains(&n) => Ok((r, Verb::Ask(n.to_string()))),
+        _ => failure(
+            i,
+            "a plugin name after `ask` (as given to --plugin NAME=FILE)".to_string(),
+        ),
+    }
+}
+
 fn rule(i: &str) -> R<'_, RuleAst> {
     let (i, _) = ws(i)?;
     let pos = Pos(i.len());
@@ -377,6 +392,7 @@ fn rule(i: &str) -> R<'_, RuleAst> {
         |i| kw(i, "deny").map(|(r, _)| (r, Verb::Act(Action::Deny))),
         |i| kw(i, "pass").map(|(r, _)| (r, Verb::Act(Action::Pass))),
         |i| kw(i, "isolate").map(|(r, _)| (r, Verb::Isolate)),
+        ask,
     ))
     .parse(i)?;
     let (i, direction) = cut(alt((
@@ -384,6 +400,7 @@ fn rule(i: &str) -> R<'_, RuleAst> {
         |i| kw(i, "egress").map(|(r, _)| (r, Direction::Egress)),
     ))
     .parse(i))?;
+    let isolate = verb == Verb::Isolate;
     let mut rule = RuleAst {
         pos,
         verb,
@@ -391,7 +408,7 @@ fn rule(i: &str) -> R<'_, RuleAst> {
         peers: None,
         ports: vec![],
     };
-    if verb == Verb::Isolate {
+    if isolate {
         return Ok((i, rule));
     }
     let mut i = i;

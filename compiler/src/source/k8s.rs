@@ -486,6 +486,7 @@ pub(super) fn pod(ctx: &ObjCtx<'_>, p: &Pod, diags: &mut Vec<Diagnostic>) -> Opt
     let namespace = v.namespace_of(&p.metadata);
     let labels = v.labels(p.metadata.labels.as_ref(), &path!["metadata", "labels"]);
     let mut ports = Vec::new();
+    let mut images = Vec::new();
     if let Some(spec) = &p.spec {
         let groups: [(&'static str, &[Container]); 2] = [
             ("containers", &spec.containers),
@@ -496,6 +497,7 @@ pub(super) fn pod(ctx: &ObjCtx<'_>, p: &Pod, diags: &mut Vec<Diagnostic>) -> Opt
         ];
         for (group, containers) in groups {
             for (ci, c) in containers.iter().enumerate() {
+                images.extend(c.image.clone());
                 for (pi, cp) in c.ports.iter().flatten().enumerate() {
                     let base = path!["spec", group, ci, "ports", pi];
                     let at = |k: &'static str| {
@@ -546,11 +548,14 @@ pub(super) fn pod(ctx: &ObjCtx<'_>, p: &Pod, diags: &mut Vec<Diagnostic>) -> Opt
             }
         }
     }
+    let annotations = p.metadata.annotations.clone().unwrap_or_default();
     Some(ClusterPod {
         namespace,
         name,
         labels,
         ips,
         ports,
+        annotations,
+        images,
     })
 }

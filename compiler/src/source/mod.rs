@@ -262,6 +262,13 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, diags: &mut Vec<Diagnostic>) {
 /// Reads and validates every input. All problems found are reported
 /// together; on any error nothing is returned.
 pub fn load(paths: &[PathBuf]) -> Result<Loaded, Diagnostics> {
+    load_with(paths, &[])
+}
+
+/// As `load`, where rule files may `ask` the named decide plugins (sorted:
+/// the order of the ruleset's plugin table).
+pub fn load_with(paths: &[PathBuf], plugins: &[String]) -> Result<Loaded, Diagnostics> {
+    debug_assert!(plugins.is_sorted());
     let files = expand_paths(paths)?;
     let mut loaded = Loaded {
         files: files.iter().map(|p| p.display().to_string()).collect(),
@@ -287,7 +294,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, Diagnostics> {
             }
         };
         if path.extension().is_some_and(|e| e == "trireme") {
-            match crate::rules::load(&file, &text, fi as u32) {
+            match crate::rules::load(&file, &text, fi as u32, plugins) {
                 Ok(r) => {
                     for p in r.policies {
                         let loc = Location {
