@@ -10,7 +10,7 @@ use crate::model::{Direction, Identity, Protocol, UNRESOLVED_KEY};
 use crate::ruleset::{self, Ruleset};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use trireme_plugin_host::{
     CallError, Host, Labels, Limits, Plugin, Query, QueryDirection, Verdict, Workload, abi,
 };
@@ -67,19 +67,24 @@ impl Plugins {
         })
     }
 
-    /// For the CLI: a fuel-limited host, compiled modules cached in
-    /// `$TRIREME_PLUGIN_CACHE` when set. `None` when the ruleset has none.
+    /// For the CLI: a fuel-limited host, shared by the whole process (so a
+    /// module is compiled once however many rulesets carry it), compiled
+    /// modules also cached in `$TRIREME_PLUGIN_CACHE` when set. `None` when
+    /// the ruleset has no plugins.
     pub fn offline(rs: &Ruleset) -> Result<Option<Plugins>, String> {
+        static HOST: OnceLock<Result<Host, String>> = OnceLock::new();
         if rs.plugins.is_empty() {
             return Ok(None);
         }
-        let cache = std::env::var_os("TRIREME_PLUGIN_CACHE").map(Into::into);
-        let host = Host::build(
-            Limits::offline(),
-            cache,
-            std::sync::Arc::new(|p, l, m| eprintln!("plugin {p}: {l:?}: {m}")),
-        )?;
-        Plugins::load(rs, &host).map(Some)
+        let host = HOST.get_or_init(|| {
+            let cache = std::env::var_os("TRIREME_PLUGIN_CACHE").map(Into::into);
+            Host::build(
+                Limits::offline(),
+                cache,
+                std::sync::Arc::new(|p, l, m| eprintln!("plugin {p}: {l:?}: {m}")),
+            )
+        });
+        Plugins::load(rs, host.as_ref().map_err(Clone::clone)?).map(Some)
     }
 
     pub fn plugins(&self) -> impl Iterator<Item = &Plugin> {
