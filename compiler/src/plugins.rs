@@ -15,6 +15,9 @@ use trireme_plugin_host::{
     CallError, Host, Labels, Limits, Plugin, Query, QueryDirection, Verdict, Workload, abi,
 };
 
+/// The sandbox, for embedders (the node runtime) that build their own host.
+pub use trireme_plugin_host as host;
+
 struct Entry {
     plugin: Plugin,
     fail_open: bool,

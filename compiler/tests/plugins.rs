@@ -12,7 +12,10 @@ use trireme_compiler::ruleset::Ruleset;
 use trireme_compiler::{compile, matrix, plugin_test, source};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Builds the example plugins once per test binary (policies-wasm/build.sh).
@@ -25,7 +28,10 @@ fn built() -> &'static Path {
             .arg(&out)
             .status()
             .expect("running policies-wasm/build.sh");
-        assert!(st.success(), "policies-wasm/build.sh failed (see README: set-up)");
+        assert!(
+            st.success(),
+            "policies-wasm/build.sh failed (see README: set-up)"
+        );
         out
     })
 }
@@ -65,10 +71,16 @@ fn shop_ruleset(specs: Vec<PluginSpec>) -> Ruleset {
 fn denied(rs: &Ruleset) -> (Vec<Vec<String>>, Vec<String>) {
     let loaded = source::load(&[root().join("testdata/plugins/cluster.yaml")]).unwrap();
     let mut cluster = loaded.cluster;
-    let p = Plugins::offline(rs).unwrap().expect("the ruleset carries plugins");
+    let p = Plugins::offline(rs)
+        .unwrap()
+        .expect("the ruleset carries plugins");
     let warnings = p.resolve_cluster(&mut cluster);
     let ev = Evaluator::new(rs).with_hooks(&p);
-    let m = matrix::compute(&ev, &cluster, &[(8080, Protocol::Tcp), (8443, Protocol::Tcp)]);
+    let m = matrix::compute(
+        &ev,
+        &cluster,
+        &[(8080, Protocol::Tcp), (8443, Protocol::Tcp)],
+    );
     let n = m.names.len();
     let per_port = m
         .allowed
@@ -99,8 +111,15 @@ fn shop_example_matrix_with_resolver_and_decide_hook() {
     assert_eq!(
         d[1],
         s(&[
-            "debug>api", "debug>batch", "debug>ledger", "impostor>api", "impostor>batch",
-            "impostor>ledger", "web>api", "web>batch", "web>ledger"
+            "debug>api",
+            "debug>batch",
+            "debug>ledger",
+            "impostor>api",
+            "impostor>batch",
+            "impostor>ledger",
+            "web>api",
+            "web>batch",
+            "web>ledger"
         ])
     );
 }
@@ -154,7 +173,12 @@ fn plugin_test_reports_failures_and_bad_files() {
     )
     .unwrap();
     let w = d.join("image_team.wasm");
-    let (code, out, _) = trireme(&["plugin", "test", w.to_str().unwrap(), cases.to_str().unwrap()]);
+    let (code, out, _) = trireme(&[
+        "plugin",
+        "test",
+        w.to_str().unwrap(),
+        cases.to_str().unwrap(),
+    ]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("FAIL  wrong team: expected {\"team\":\"web\"}, got {\"team\":\"payments\"}"),
@@ -162,11 +186,24 @@ fn plugin_test_reports_failures_and_bad_files() {
     );
     assert!(out.contains("1 passed, 1 failed"), "{out}");
     std::fs::write(&cases, "cases:\n- name: both\n  expect: allow\n").unwrap();
-    let (code, _, err) = trireme(&["plugin", "test", w.to_str().unwrap(), cases.to_str().unwrap()]);
+    let (code, _, err) = trireme(&[
+        "plugin",
+        "test",
+        w.to_str().unwrap(),
+        cases.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("give exactly one of `resolve` and `decide`"), "{err}");
+    assert!(
+        err.contains("give exactly one of `resolve` and `decide`"),
+        "{err}"
+    );
     std::fs::write(&cases, "cases:\n- name: typo\n  resolv: {}\n  expect: {}\n").unwrap();
-    let (code, _, err) = trireme(&["plugin", "test", w.to_str().unwrap(), cases.to_str().unwrap()]);
+    let (code, _, err) = trireme(&[
+        "plugin",
+        "test",
+        w.to_str().unwrap(),
+        cases.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2);
     assert!(err.contains("resolv"), "{err}");
 }
@@ -178,20 +215,47 @@ fn cli_compile_then_matrix_check_and_test() {
     let it = format!("image-team={}", d.join("image_team_c.wasm").display());
     let dl = format!("deny-list={}", d.join("deny_list.wasm").display());
     let (code, stdout, err) = trireme(&[
-        "compile", "-f", "testdata/plugins/policies.trireme", "--plugin", &it, "--plugin", &dl,
-        "--plugin-config", "deny-list=testdata/plugins/deny-list.yaml", "-o", out.to_str().unwrap(),
+        "compile",
+        "-f",
+        "testdata/plugins/policies.trireme",
+        "--plugin",
+        &it,
+        "--plugin",
+        &dl,
+        "--plugin-config",
+        "deny-list=testdata/plugins/deny-list.yaml",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("and 2 plugin(s)"), "{stdout}");
     let (code, stdout, err) = trireme(&[
-        "check", "-v", "--ruleset", out.to_str().unwrap(), "-f", "testdata/plugins/cluster.yaml",
-        "--from", "shop/web", "--to", "shop/api", "--port", "8443",
+        "check",
+        "-v",
+        "--ruleset",
+        out.to_str().unwrap(),
+        "-f",
+        "testdata/plugins/cluster.yaml",
+        "--from",
+        "shop/web",
+        "--to",
+        "shop/api",
+        "--port",
+        "8443",
     ]);
     assert_eq!(code, 1, "{err}");
-    assert!(stdout.contains("matches -> ask deny-list: deny"), "{stdout}");
+    assert!(
+        stdout.contains("matches -> ask deny-list: deny"),
+        "{stdout}"
+    );
     let (code, stdout, _) = trireme(&[
-        "matrix", "--ruleset", out.to_str().unwrap(), "-f", "testdata/plugins/cluster.yaml",
-        "--port", "8080",
+        "matrix",
+        "--ruleset",
+        out.to_str().unwrap(),
+        "-f",
+        "testdata/plugins/cluster.yaml",
+        "--port",
+        "8080",
     ]);
     assert_eq!(code, 0);
     assert!(stdout.contains("shop/debug\tX\tX\t.\t.\tX\t."), "{stdout}");
@@ -216,12 +280,22 @@ fn compile_err(policy: &str, specs: Vec<PluginSpec>) -> String {
 #[test]
 fn compile_errors_name_the_plugin_and_the_place() {
     let d = built();
-    let e = compile_err("policy p tier admin priority 1 {\n  select any\n  ask nope ingress\n}\n", vec![]);
+    let e = compile_err(
+        "policy p tier admin priority 1 {\n  select any\n  ask nope ingress\n}\n",
+        vec![],
+    );
     assert!(e.contains("p.trireme:3:3"), "{e}");
     assert!(e.contains("unknown plugin \"nope\" (none were given); pass it to the compiler as --plugin nope=FILE.wasm"), "{e}");
-    let image = PluginSpec::from_files("image-team", &d.join("image_team.wasm"), None, false).unwrap();
-    let e = compile_err("policy p tier admin priority 1 {\n  select any\n  ask image-team egress\n}\n", vec![image.clone()]);
-    assert!(e.ends_with("p.trireme:3:3: `ask image-team`, but that plugin exports no trireme_decide"), "{e}");
+    let image =
+        PluginSpec::from_files("image-team", &d.join("image_team.wasm"), None, false).unwrap();
+    let e = compile_err(
+        "policy p tier admin priority 1 {\n  select any\n  ask image-team egress\n}\n",
+        vec![image.clone()],
+    );
+    assert!(
+        e.ends_with("p.trireme:3:3: `ask image-team`, but that plugin exports no trireme_decide"),
+        "{e}"
+    );
     // A module that breaks the ABI is refused at compile time, not on a node.
     let bad = PluginSpec {
         name: "bad".into(),
@@ -230,12 +304,19 @@ fn compile_errors_name_the_plugin_and_the_place() {
         fail_open: false,
     };
     let e = compile_err("", vec![bad]);
-    assert_eq!(e, "plugin bad: imports wasi_snapshot_preview1.fd_write, but ABI v1 allows only trireme.log(level: i32, ptr: i32, len: i32)");
+    assert_eq!(
+        e,
+        "plugin bad: imports wasi_snapshot_preview1.fd_write, but ABI v1 allows only trireme.log(level: i32, ptr: i32, len: i32)"
+    );
     // Settings the plugin refuses are a compile error too.
-    let mut strict = PluginSpec::from_files("deny-list", &d.join("deny_list.wasm"), None, false).unwrap();
+    let mut strict =
+        PluginSpec::from_files("deny-list", &d.join("deny_list.wasm"), None, false).unwrap();
     strict.settings = Some(r#"{"deny":[{"form":{}}]}"#.into());
     let e = compile_err("", vec![strict]);
-    assert!(e.contains("plugin deny-list: start-up failed: refused the input"), "{e}");
+    assert!(
+        e.contains("plugin deny-list: start-up failed: refused the input"),
+        "{e}"
+    );
     assert!(plugins::check_plugin_name("Bad Name").is_err());
 }
 
@@ -244,7 +325,10 @@ fn a_ruleset_with_a_swapped_module_is_refused() {
     let mut rs = shop_ruleset(shop_specs("image_team.wasm"));
     rs.plugins[1].wasm = std::fs::read(built().join("image_team_c.wasm")).unwrap();
     let e = Ruleset::decode(&rs.encode()).unwrap_err().to_string();
-    assert_eq!(e, "ruleset is corrupted: plugin image-team: module does not match its sha256");
+    assert_eq!(
+        e,
+        "ruleset is corrupted: plugin image-team: module does not match its sha256"
+    );
 }
 
 /// A resolver that traps on every call.
@@ -301,10 +385,23 @@ fn a_failing_decide_hook_denies() {
     let out = tmp("loop.ruleset");
     std::fs::write(&out, rs.encode()).unwrap();
     let (code, stdout, err) = trireme(&[
-        "check", "-v", "--ruleset", out.to_str().unwrap(), "-f", "testdata/plugins/cluster.yaml",
-        "--from", "shop/ledger", "--to", "shop/api", "--port", "8080",
+        "check",
+        "-v",
+        "--ruleset",
+        out.to_str().unwrap(),
+        "-f",
+        "testdata/plugins/cluster.yaml",
+        "--from",
+        "shop/ledger",
+        "--to",
+        "shop/api",
+        "--port",
+        "8080",
     ]);
     assert_eq!(code, 1);
     assert!(stdout.contains("ask deny-list: failed (deny)"), "{stdout}");
-    assert!(err.contains("plugin deny-list: Error: ran out of its time budget"), "{err}");
+    assert!(
+        err.contains("plugin deny-list: Error: ran out of its time budget"),
+        "{err}"
+    );
 }

@@ -49,6 +49,42 @@ pub struct Config {
     /// anti-spoofing; leave empty to judge such peers by ipBlock alone.
     #[serde(default)]
     pub remotes: Vec<RemoteConfig>,
+    /// Limits and cache for the ruleset's WASM plugins.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+}
+
+/// The sandbox's knobs; the defaults are safe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PluginsConfig {
+    /// Compiled modules are kept here across restarts (trusted: give it to
+    /// this process alone).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Wall-clock budget of one plugin call.
+    #[serde(default = "default_plugin_timeout")]
+    pub timeout_ms: u64,
+    /// Linear memory cap per plugin instance.
+    #[serde(default = "default_plugin_memory")]
+    pub memory_mib: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            cache_dir: None,
+            timeout_ms: default_plugin_timeout(),
+            memory_mib: default_plugin_memory(),
+        }
+    }
+}
+
+fn default_plugin_timeout() -> u64 {
+    20
+}
+fn default_plugin_memory() -> usize {
+    16
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +147,12 @@ pub struct PuConfig {
     /// Declared ports, for policies that name them.
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// For resolver plugins: the workload's container images.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// For resolver plugins.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +290,20 @@ impl PuConfig {
     /// The PU's identity, built exactly as the compiler builds a pod's.
     pub fn identity(&self) -> Identity {
         Identity::for_pod(&self.namespace, &self.namespace_labels, &self.labels)
+    }
+
+    /// What resolver plugins see of this PU (the compiler shows them a pod
+    /// the same way).
+    pub fn workload(&self) -> trireme_compiler::plugins::host::Workload {
+        trireme_compiler::plugins::host::Workload {
+            kind: "netns".into(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            annotations: self.annotations.clone(),
+            namespace_labels: self.namespace_labels.clone(),
+            images: self.images.clone(),
+        }
     }
 
     pub fn named_ports(&self) -> Vec<NamedPort> {

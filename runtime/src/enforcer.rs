@@ -24,10 +24,12 @@ use crate::flows::{FlowKey, FlowTable};
 use crate::packet::{self, ACK, RST, SYN};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use trireme_compiler::eval::{Applicable, Endpoint, Evaluator, Flow};
-use trireme_compiler::model::{Identity, NamedPort, Protocol};
+use trireme_compiler::model::{Identity, NAMESPACE_KEY, NamedPort, Protocol, UNRESOLVED_KEY};
+use trireme_compiler::plugins::Plugins;
+use trireme_compiler::plugins::host::{Host, Limits, Workload};
 use trireme_compiler::ruleset::Ruleset;
 use trireme_compiler::subjects::SubjectIndex;
 use trireme_tokens::handshake::{AwaitAck, Engine, LocalToken, SynReceived, SynSent};
@@ -65,57 +67,134 @@ fn identity_of(peer: &trireme_tokens::handshake::Peer) -> Identity {
 /// A workload this node enforces for.
 pub struct Pu {
     pub name: String,
+    /// Its configured identity, before resolver plugins.
     pub identity: Identity,
-    pub labels: BTreeMap<String, String>,
     pub ports: Vec<NamedPort>,
-    token: Mutex<Option<LocalToken>>,
+    /// What resolver plugins see of it.
+    pub workload: Workload,
 }
 
 impl Pu {
     pub fn new(name: &str, identity: Identity, ports: Vec<NamedPort>) -> Pu {
-        let labels = identity
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
         Pu {
             name: name.to_string(),
+            workload: Workload {
+                kind: "netns".into(),
+                name: name.to_string(),
+                namespace: identity.get(NAMESPACE_KEY).unwrap_or_default().to_string(),
+                ..Workload::default()
+            },
             identity,
-            labels,
             ports,
-            token: Mutex::new(None),
         }
+    }
+
+    pub fn with_workload(mut self, w: Workload) -> Pu {
+        self.workload = w;
+        self
     }
 }
 
-/// A ruleset with what the hot path needs precomputed: the subject index
-/// and, per PU, the policies that select it.
+/// One PU as a given ruleset sees it: its identity after the ruleset's
+/// resolvers, and the token carrying it.
+struct Resolved {
+    identity: Identity,
+    labels: BTreeMap<String, String>,
+    token: Mutex<Option<LocalToken>>,
+}
+
+/// A ruleset with what the hot path needs precomputed: the subject index,
+/// its plugins loaded, and per PU its resolved identity and the policies
+/// that select it.
 pub struct Loaded {
     pub rs: Ruleset,
     subjects: SubjectIndex,
+    plugins: Option<Plugins>,
+    pus: Vec<Resolved>,
     applicable: Vec<Applicable>,
     pub hash: String,
+    /// PUs whose resolver failed (denied everything until a reload).
+    pub unresolved: Vec<String>,
 }
 
 impl Loaded {
-    pub fn new(rs: Ruleset, pus: &[Pu]) -> Loaded {
+    /// Fails if a plugin of the ruleset cannot be loaded: a node never
+    /// half-applies a ruleset.
+    pub fn new(
+        rs: Ruleset,
+        pus: &[Pu],
+        host: &dyn Fn() -> Result<Host, String>,
+    ) -> Result<Loaded, String> {
         let subjects = SubjectIndex::new(&rs.policies);
         let hash = rs.content_hash();
+        let plugins = if rs.plugins.is_empty() {
+            None
+        } else {
+            Some(Plugins::load(&rs, &host()?)?)
+        };
+        let mut unresolved = Vec::new();
+        let resolved: Vec<Resolved> = pus
+            .iter()
+            .map(|p| {
+                let mut identity = p.identity.clone();
+                if let Some(pl) = plugins.as_ref().filter(|pl| pl.has_resolvers()) {
+                    match pl.resolve(&p.workload) {
+                        Ok(extra) => {
+                            for (k, v) in extra {
+                                identity.insert(k, v);
+                            }
+                        }
+                        Err(f) => {
+                            eprintln!(
+                                "trireme-runtime: PU {}: {f}; denying it everything (fail-closed)",
+                                p.name
+                            );
+                            unresolved.push(p.name.clone());
+                            identity.insert(UNRESOLVED_KEY, f.plugin);
+                        }
+                    }
+                }
+                let labels = identity
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                Resolved {
+                    identity,
+                    labels,
+                    token: Mutex::new(None),
+                }
+            })
+            .collect();
         let applicable = {
             let ev = Evaluator::with_index(&rs, &subjects);
-            pus.iter().map(|p| ev.applicable(&p.identity)).collect()
+            resolved
+                .iter()
+                .map(|p| ev.applicable(&p.identity))
+                .collect()
         };
-        Loaded {
+        Ok(Loaded {
             rs,
             subjects,
+            plugins,
+            pus: resolved,
             applicable,
             hash,
-        }
+            unresolved,
+        })
     }
 
-    pub fn from_file(path: &Path, pus: &[Pu]) -> Result<Loaded, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let rs = Ruleset::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Loaded::new(rs, pus))
+    /// PU `pu`'s identity under this ruleset.
+    pub fn identity(&self, pu: usize) -> &Identity {
+        &self.pus[pu].identity
+    }
+
+    /// Counters of every plugin, by name.
+    pub fn plugin_stats(&self) -> Vec<(String, trireme_compiler::plugins::host::Stats)> {
+        self.plugins
+            .iter()
+            .flat_map(|p| p.plugins())
+            .map(|p| (p.name().to_string(), p.stats()))
+            .collect()
     }
 }
 
@@ -167,6 +246,29 @@ pub struct Enforcer {
     by_ip: HashMap<IpAddr, Identity>,
     timeout_ms: u64,
     pub counters: Counters,
+    host: LazyHost,
+}
+
+/// The plugin host, made on first need: it runs an epoch thread, which a
+/// node without plugins should not pay for.
+struct LazyHost {
+    host: OnceLock<Host>,
+    limits: Limits,
+    cache_dir: Option<PathBuf>,
+}
+
+impl LazyHost {
+    fn get(&self) -> Result<Host, String> {
+        if let Some(h) = self.host.get() {
+            return Ok(h.clone());
+        }
+        let h = Host::build(
+            self.limits.clone(),
+            self.cache_dir.clone(),
+            Arc::new(|p, l, m| eprintln!("trireme-runtime: plugin {p}: {l:?}: {m}")),
+        )?;
+        Ok(self.host.get_or_init(|| h).clone())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -174,6 +276,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Enforcer {
+    /// Fails when the ruleset's plugins cannot be loaded.
     pub fn new(
         engine: Engine,
         pus: Vec<Pu>,
@@ -181,9 +284,37 @@ impl Enforcer {
         by_ip: HashMap<IpAddr, Identity>,
         max_flows: usize,
         timeout_ms: u64,
-    ) -> Enforcer {
-        let loaded = Loaded::new(rs, &pus);
-        Enforcer {
+    ) -> Result<Enforcer, String> {
+        Enforcer::with_plugin_limits(
+            engine,
+            pus,
+            rs,
+            by_ip,
+            max_flows,
+            timeout_ms,
+            Limits::runtime(),
+            None,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_plugin_limits(
+        engine: Engine,
+        pus: Vec<Pu>,
+        rs: Ruleset,
+        by_ip: HashMap<IpAddr, Identity>,
+        max_flows: usize,
+        timeout_ms: u64,
+        limits: Limits,
+        cache_dir: Option<PathBuf>,
+    ) -> Result<Enforcer, String> {
+        let host = LazyHost {
+            host: OnceLock::new(),
+            limits,
+            cache_dir,
+        };
+        let loaded = Loaded::new(rs, &pus, &|| host.get())?;
+        Ok(Enforcer {
             engine,
             policy: RwLock::new(Arc::new(loaded)),
             pus,
@@ -191,7 +322,12 @@ impl Enforcer {
             by_ip,
             timeout_ms,
             counters: Counters::default(),
-        }
+            host,
+        })
+    }
+
+    fn load(&self, rs: Ruleset) -> Result<Loaded, String> {
+        Loaded::new(rs, &self.pus, &|| self.host.get())
     }
 
     pub fn pus(&self) -> &[Pu] {
@@ -207,10 +343,13 @@ impl Enforcer {
 
     /// Swap in a new ruleset; it applies to connections that start after
     /// this returns (authorized flows keep their conntrack mark).
-    pub fn update_policy(&self, rs: Ruleset) {
-        let l = Arc::new(Loaded::new(rs, &self.pus));
+    /// A ruleset whose plugins cannot be loaded is refused and the current
+    /// one stays.
+    pub fn update_policy(&self, rs: Ruleset) -> Result<(), String> {
+        let l = Arc::new(self.load(rs)?);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = l;
         self.counters.inc("policy_updates");
+        Ok(())
     }
 
     /// Record a handshake state with the handshake deadline.
@@ -225,7 +364,8 @@ impl Enforcer {
     }
 
     fn local_token(&self, pu: usize, now_s: u64) -> Result<LocalToken, &'static str> {
-        let p = &self.pus[pu];
+        let l = self.policy();
+        let p = &l.pus[pu];
         let mut slot = lock(&p.token);
         if let Some(t) = slot.as_ref().filter(|t| !t.needs_refresh(now_s)) {
             return Ok(t.clone());
@@ -248,10 +388,13 @@ impl Enforcer {
             protocol,
         } = q;
         let l = self.policy();
-        let ev = Evaluator::with_index(&l.rs, &l.subjects);
+        let ev = match &l.plugins {
+            Some(p) => Evaluator::with_index(&l.rs, &l.subjects).with_hooks(p),
+            None => Evaluator::with_index(&l.rs, &l.subjects),
+        };
         let me = &self.pus[pu];
         let mine = Endpoint {
-            identity: Some(&me.identity),
+            identity: Some(&l.pus[pu].identity),
             ip: Some(local),
             ports: &me.ports,
         };

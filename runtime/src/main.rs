@@ -56,7 +56,17 @@ fn write_stats(path: &Option<PathBuf>, e: &Enforcer) {
     m.insert("flows_in_handshake".into(), flows.into());
     m.insert("flows_evicted".into(), evicted.into());
     m.insert("flows_expired".into(), expired.into());
-    m.insert("ruleset".into(), e.policy().hash.clone().into());
+    let policy = e.policy();
+    m.insert("ruleset".into(), policy.hash.clone().into());
+    let plugins: serde_json::Map<String, serde_json::Value> = policy
+        .plugin_stats()
+        .into_iter()
+        .map(|(name, st)| (name, serde_json::to_value(st).unwrap_or_default()))
+        .collect();
+    if !plugins.is_empty() {
+        m.insert("plugins".into(), plugins.into());
+        m.insert("unresolved_pus".into(), policy.unresolved.clone().into());
+    }
     let tmp = path.with_extension("tmp");
     let body = serde_json::Value::Object(m).to_string();
     if std::fs::write(&tmp, body).is_ok() {
@@ -103,9 +113,8 @@ fn run(config: PathBuf) -> Result<(), String> {
     }
     loop {
         match sigs.wait().map_err(|e| e.to_string())? {
-            Signal::SIGHUP => match node::load_ruleset(&cfg) {
-                Ok(rs) => {
-                    e.update_policy(rs);
+            Signal::SIGHUP => match node::load_ruleset(&cfg).and_then(|rs| e.update_policy(rs)) {
+                Ok(()) => {
                     log(format!(
                         "ruleset reloaded: sha256:{} (applies to new connections)",
                         e.policy().hash

@@ -9,6 +9,8 @@ use crate::queue;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+use trireme_compiler::plugins::host::{Budget, Limits};
 use trireme_compiler::ruleset::Ruleset;
 use trireme_tokens::handshake::{Config as TokenConfig, Credentials, Engine, PkiCredentials};
 use trireme_tokens::keys::{Ca, NodeKey, Psk};
@@ -81,7 +83,7 @@ pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
     let pus: Vec<Pu> = cfg
         .pus
         .iter()
-        .map(|p| Pu::new(&p.name, p.identity(), p.named_ports()))
+        .map(|p| Pu::new(&p.name, p.identity(), p.named_ports()).with_workload(p.workload()))
         .collect();
     let mut by_ip = HashMap::new();
     for r in &cfg.remotes {
@@ -89,14 +91,27 @@ pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
             by_ip.insert(*ip, r.identity());
         }
     }
-    Ok(Enforcer::new(
+    let limits = Limits {
+        budget: Budget::Deadline(Duration::from_millis(cfg.plugins.timeout_ms.max(1))),
+        memory_bytes: cfg.plugins.memory_mib.max(1) << 20,
+        ..Limits::runtime()
+    };
+    for p in rs.plugins.iter().filter(|p| p.fail_open) {
+        eprintln!(
+            "trireme-runtime: WARNING: plugin {} is FAIL-OPEN: when it fails, this node abstains instead of denying",
+            p.name
+        );
+    }
+    Enforcer::with_plugin_limits(
         engine,
         pus,
         rs,
         by_ip,
         cfg.max_flows,
         cfg.handshake_timeout * 1000,
-    ))
+        limits,
+        cfg.plugins.cache_dir.clone(),
+    )
 }
 
 /// Program every PU namespace and start its queue workers.

@@ -34,6 +34,7 @@ fn node(name: &str, role: &str, max_flows: usize) -> Enforcer {
         max_flows,
         10_000,
     )
+    .expect("a ruleset without plugins always loads")
 }
 
 /// A TCP packet from `src:sport` to `dst:dport` with SYN-like options.

@@ -30,6 +30,7 @@ fn enforcer() -> &'static Enforcer {
             1024,
             10_000,
         )
+        .expect("a ruleset without plugins always loads")
     })
 }
 
