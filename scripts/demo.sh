@@ -17,6 +17,12 @@ $T check --ruleset "$out/apobeer.out" -f testdata/apobeer/cluster.yaml --from be
 $T check --ruleset "$out/apobeer.out" -f testdata/apobeer/cluster.yaml --from beer/external --to beer/backend --port 80/TCP || echo "(exit $?: denied, as the policy intends)"
 $T matrix -f testdata/three-tier --port 80/TCP --port 8080/TCP
 $T test testdata/tests/apobeer.yaml testdata/tests/three-tier.yaml
+# WASM plugins: teams resolved from images, a deny-list decide hook (docs/plugin-abi.md).
+bash policies-wasm/build.sh
+$T compile -f testdata/plugins/policies.trireme --plugin image-team=target/plugins/image_team.wasm --plugin deny-list=target/plugins/deny_list.wasm --plugin-config deny-list=testdata/plugins/deny-list.yaml -o "$out/shop.out"
+$T matrix --ruleset "$out/shop.out" -f testdata/plugins/cluster.yaml --port 8080 --port 8443
+$T plugin test target/plugins/image_team_c.wasm policies-wasm/examples/cases/image-team.yaml
+$T test testdata/tests/plugins.yaml
 sed 's/role: frontend/role: external/' testdata/apobeer/policy.yaml > "$out/changed.yaml"
 $T diff testdata/apobeer/policy.yaml "$out/changed.yaml" -f testdata/apobeer/cluster.yaml || echo "(exit $?: flows changed)"
 set +x

@@ -10,6 +10,10 @@ for comp in rustfmt clippy; do
     rustup component add "$comp"
   fi
 done
+# WASM plugins: the Rust SDK and examples build for wasm32-unknown-unknown.
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+  rustup target add wasm32-unknown-unknown
+fi
 # aws-lc-sys (the crypto backend of the token library) compiles C: it needs a C compiler.
 if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
   if command -v apt-get >/dev/null; then
@@ -26,6 +30,10 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v iptables-restore >/dev/null || need+=(iptables)
 /usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
+# The C and AssemblyScript plugin examples: clang + wasm-ld (lld), node + npm.
+command -v clang >/dev/null || need+=(clang)
+command -v wasm-ld >/dev/null || need+=(lld)
+command -v npm >/dev/null || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

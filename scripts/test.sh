@@ -4,7 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo fmt --all -- --check
+cargo fmt --all --manifest-path policies-wasm/Cargo.toml -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The example plugins, from source (Rust SDK, C, AssemblyScript): the tests use them.
+bash policies-wasm/build.sh
+cargo clippy --manifest-path policies-wasm/Cargo.toml --target wasm32-unknown-unknown -- -D warnings
+cargo test --manifest-path policies-wasm/Cargo.toml --quiet
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
@@ -14,6 +19,7 @@ failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 cargo bench -p trireme-compiler --bench perf --no-run --quiet
 cargo bench -p trireme-tokens --bench tokens --no-run --quiet
 cargo bench -p trireme-runtime --bench enforcer --no-run --quiet
+cargo bench -p trireme-plugin-host --bench plugins --no-run --quiet
 bash scripts/demo.sh > target/demo.out 2>&1 || { cat target/demo.out; exit 1; }
 echo "demo: ok"
 echo "tests: $passed passed, $failed failed"

@@ -124,7 +124,7 @@ fn several_syntax_errors_in_one_run_with_line_and_caret() {
     );
     assert!(t.contains("unterminated string"), "{t}");
     assert!(
-        t.contains("expected `allow`, `deny`, `pass`, `isolate` or `}`"),
+        t.contains("expected `allow`, `deny`, `pass`, `isolate`, `ask` or `}`"),
         "{t}"
     );
 }

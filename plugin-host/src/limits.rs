@@ -28,7 +28,8 @@ pub struct Limits {
     /// Calls after which an instance is dropped and a fresh one made, so a
     /// guest that leaks memory cannot run out of it in the long run.
     pub recycle_after: u64,
-    /// Memoized answers kept per plugin before the memo is cleared.
+    /// Memoized answers kept per plugin before the memo is cleared; 0
+    /// turns memoization off.
     pub memo_entries: usize,
 }
 

@@ -317,16 +317,18 @@ impl Plugin {
         if !self.hooks.resolve {
             return Err(CallError::NotExported(abi::EXPORT_RESOLVE));
         }
-        if let Some(l) = self
-            .memo_resolve
-            .lock()
-            .expect("poisoned")
-            .get(workload_json)
+        let limits = &self.host.limits;
+        let memo = limits.memo_entries > 0;
+        if memo
+            && let Some(l) = self
+                .memo_resolve
+                .lock()
+                .expect("poisoned")
+                .get(workload_json)
         {
             self.counters.memo_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(l.clone());
         }
-        let limits = &self.host.limits;
         let labels = self.with_live(|live| {
             let (ptr, len) = live.write_input(workload_json.as_bytes(), limits.memory_bytes)?;
             let f = live.resolve.clone().expect("checked at load");
@@ -352,11 +354,13 @@ impl Plugin {
                 .map_err(|e| classify(e, limits.memory_bytes))?;
             parse_labels(&bytes, limits.max_labels)
         })?;
-        let mut memo = self.memo_resolve.lock().expect("poisoned");
-        if memo.len() >= limits.memo_entries {
-            memo.clear();
+        if memo {
+            let mut m = self.memo_resolve.lock().expect("poisoned");
+            if m.len() >= limits.memo_entries {
+                m.clear();
+            }
+            m.insert(workload_json.to_string(), labels.clone());
         }
-        memo.insert(workload_json.to_string(), labels.clone());
         Ok(labels)
     }
 
@@ -372,7 +376,8 @@ impl Plugin {
             return Err(CallError::NotExported(abi::EXPORT_DECIDE));
         }
         let key = q.encode();
-        if let Some(v) = self.memo_decide.lock().expect("poisoned").get(&key) {
+        let memo = self.host.limits.memo_entries > 0;
+        if memo && let Some(v) = self.memo_decide.lock().expect("poisoned").get(&key) {
             self.counters.memo_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(*v);
         }
@@ -403,11 +408,13 @@ impl Plugin {
                 CallError::BadOutput(format!("decide returned {code}; expected 0, 1 or 2"))
             })
         })?;
-        let mut memo = self.memo_decide.lock().expect("poisoned");
-        if memo.len() >= self.host.limits.memo_entries {
-            memo.clear();
+        if memo {
+            let mut m = self.memo_decide.lock().expect("poisoned");
+            if m.len() >= self.host.limits.memo_entries {
+                m.clear();
+            }
+            m.insert(key, verdict);
         }
-        memo.insert(key, verdict);
         Ok(verdict)
     }
 
