@@ -1,7 +1,7 @@
 //! `trireme inspect`: a compiled ruleset in readable form.
 
 use crate::model::{Direction, Peers, Rule};
-use crate::ruleset::{FORMAT_MAJOR, FORMAT_MINOR, Ruleset};
+use crate::ruleset::Ruleset;
 use std::io::{self, Write};
 
 fn write_rules(
@@ -45,7 +45,8 @@ fn write_rules(
 }
 
 pub fn write(rs: &Ruleset, out: &mut impl Write) -> io::Result<()> {
-    writeln!(out, "trireme ruleset format {FORMAT_MAJOR}.{FORMAT_MINOR}")?;
+    let (major, minor) = rs.format_version();
+    writeln!(out, "trireme ruleset format {major}.{minor}")?;
     writeln!(out, "sha256: {}", rs.content_hash())?;
     writeln!(
         out,

@@ -12,11 +12,14 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 
 pub const MAGIC: &[u8; 8] = b"TRIREME\x00";
-pub const FORMAT_MAJOR: u16 = 1;
-/// 1.1 added plugin settings and fail-open, and the `ask` action; a 1.0
-/// reader refuses a 1.1 ruleset that uses them (decode error) and reads the
-/// rest unchanged.
-pub const FORMAT_MINOR: u16 = 1;
+/// The newest major version this build reads and writes. A ruleset is
+/// written in the oldest version that can hold it: 1.0 without plugins
+/// (byte for byte what 1.x builds wrote), 2.0 with plugins or `ask` rules,
+/// which a 1.x reader must refuse rather than silently skip.
+pub const FORMAT_MAJOR: u16 = 2;
+pub const FORMAT_MINOR: u16 = 0;
+/// The oldest major version this build reads.
+pub const FORMAT_MAJOR_MIN: u16 = 1;
 const HEADER_LEN: usize = 8 + 2 + 2 + 8 + 32;
 /// Upper bound on a body we are willing to decode (sanity, not a tuning knob).
 pub const MAX_BODY: u64 = 1 << 31;
@@ -88,6 +91,22 @@ impl Ruleset {
         }
     }
 
+    /// The version this ruleset is written in (see `FORMAT_MAJOR`).
+    pub fn format_version(&self) -> (u16, u16) {
+        if self.uses_plugins() { (2, 0) } else { (1, 0) }
+    }
+
+    fn uses_plugins(&self) -> bool {
+        !self.plugins.is_empty()
+            || self.policies.iter().any(|p| {
+                p.ingress
+                    .iter()
+                    .chain(p.egress.iter())
+                    .flatten()
+                    .any(|r| matches!(r.action, crate::model::Action::Ask(_)))
+            })
+    }
+
     fn body(&self) -> Vec<u8> {
         postcard::to_stdvec(self).expect("serializing to memory cannot fail")
     }
@@ -95,9 +114,10 @@ impl Ruleset {
     pub fn encode(&self) -> Vec<u8> {
         let body = self.body();
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        let (major, minor) = self.format_version();
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_MAJOR.to_le_bytes());
-        out.extend_from_slice(&FORMAT_MINOR.to_le_bytes());
+        out.extend_from_slice(&major.to_le_bytes());
+        out.extend_from_slice(&minor.to_le_bytes());
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
         out.extend_from_slice(&Sha256::digest(&body));
         out.extend_from_slice(&body);
@@ -124,7 +144,7 @@ impl Ruleset {
         if major > FORMAT_MAJOR {
             return Err(RulesetError::NewerVersion { major, minor });
         }
-        if major < FORMAT_MAJOR {
+        if major < FORMAT_MAJOR_MIN {
             return Err(RulesetError::OlderVersion { major, minor });
         }
         let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
@@ -145,6 +165,12 @@ impl Ruleset {
         let rs: Ruleset =
             postcard::from_bytes(body).map_err(|e| RulesetError::Decode(e.to_string()))?;
         rs.check_invariants().map_err(RulesetError::Decode)?;
+        if rs.format_version().0 != major {
+            return Err(RulesetError::Decode(format!(
+                "labelled format {major}.{minor} but its content needs {}.x",
+                rs.format_version().0
+            )));
+        }
         Ok(rs)
     }
 

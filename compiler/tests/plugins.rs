@@ -405,3 +405,24 @@ fn a_failing_decide_hook_denies() {
         "{err}"
     );
 }
+
+#[test]
+fn rulesets_with_plugins_are_format_2_others_stay_1() {
+    let rs = shop_ruleset(shop_specs("image_team.wasm"));
+    let bytes = rs.encode();
+    assert_eq!(&bytes[8..12], &[2, 0, 0, 0], "2.0");
+    // Labelled 1.0 (what a 1.x reader would accept), the content is refused.
+    let mut relabelled = bytes.clone();
+    relabelled[8] = 1;
+    let e = Ruleset::decode(&relabelled).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "ruleset is corrupted: labelled format 1.0 but its content needs 2.x"
+    );
+    let plain = compile::compile(&source::load(&[root().join("testdata/apobeer")]).unwrap());
+    assert_eq!(
+        &plain.encode()[8..12],
+        &[1, 0, 0, 0],
+        "1.0, as before plugins"
+    );
+}

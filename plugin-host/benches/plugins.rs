@@ -80,7 +80,7 @@ fn main() {
         t_floor
     );
     for (f, what) in [
-        ("image_team.wasm", "Rust SDK (serde_json)"),
+        ("image_team.wasm", "Rust"),
         ("image_team_c.wasm", "C"),
         ("image_team_as.wasm", "AssemblyScript"),
     ] {
@@ -89,7 +89,8 @@ fn main() {
             black_box(p.resolve(black_box(WORKLOAD)).unwrap());
         });
         println!(
-            "  resolve, image-team in {what:<24} {:>8.2?}  ({:.1}x the floor)",
+            "  {:<40} {:>8.2?}  ({:.1}x the floor)",
+            format!("resolve, image-team in {what}:"),
             t,
             t.as_secs_f64() / t_floor.as_secs_f64()
         );
