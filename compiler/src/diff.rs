@@ -6,6 +6,7 @@ use crate::eval::{Endpoint, Evaluator, Flow};
 use crate::explain;
 use crate::matrix;
 use crate::model::{PortMatch, Protocol};
+use crate::plugins::Plugins;
 use crate::ruleset::Ruleset;
 use std::collections::BTreeSet;
 use std::io::{self, Write};
@@ -59,17 +60,42 @@ fn endpoint(w: &Workload) -> Endpoint<'_> {
     }
 }
 
+/// The snapshot as a ruleset sees it: resolved by its resolver plugins
+/// (warnings to stderr, as `matrix` prints them).
+fn side(rs: &Ruleset, cluster: &Cluster) -> Result<(Cluster, Option<Plugins>), String> {
+    let mut c = cluster.clone();
+    let p = Plugins::offline(rs)?;
+    if let Some(p) = &p {
+        for w in p.resolve_cluster(&mut c) {
+            eprintln!("warning: {w}");
+        }
+    }
+    Ok((c, p))
+}
+
+fn evaluator<'r>(rs: &'r Ruleset, p: &'r Option<Plugins>) -> Evaluator<'r> {
+    match p {
+        Some(p) => Evaluator::new(rs).with_hooks(p),
+        None => Evaluator::new(rs),
+    }
+}
+
+/// Fails only when a ruleset's plugins cannot be loaded. Each side runs its
+/// own plugins (a resolver change is a policy change too).
 pub fn compute(
     old: &Ruleset,
     new: &Ruleset,
     cluster: &Cluster,
     ports: &[(u16, Protocol)],
-) -> Vec<Change> {
-    let (eo, en) = (Evaluator::new(old), Evaluator::new(new));
+) -> Result<Vec<Change>, String> {
+    let (co, po) = side(old, cluster)?;
+    let (cn, pn) = side(new, cluster)?;
+    let (eo, en) = (evaluator(old, &po), evaluator(new, &pn));
     let (mo, mn) = (
-        matrix::compute(&eo, cluster, ports),
-        matrix::compute(&en, cluster, ports),
+        matrix::compute(&eo, &co, ports),
+        matrix::compute(&en, &cn, ports),
     );
+    let cluster = &cn;
     let n = cluster.workloads.len();
     let mut out = Vec::new();
     for (k, &(port, protocol)) in ports.iter().enumerate() {
@@ -106,7 +132,7 @@ pub fn compute(
             y.protocol,
         ))
     });
-    out
+    Ok(out)
 }
 
 /// Grouped by direction of change, then by pair, ports listed together.

@@ -676,7 +676,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
                     "error: no ports to compare: the snapshot declares none and no rule names one; pass --port",
                 ));
             }
-            let changes = diff::compute(&ro, &rn, &loaded.cluster, &ports);
+            let changes = diff::compute(&ro, &rn, &loaded.cluster, &ports)
+                .map_err(|e| fail(format!("error: {e}")))?;
             let stdout = std::io::stdout();
             let mut out = BufWriter::new(stdout.lock());
             let res = match output {

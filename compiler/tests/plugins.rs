@@ -426,3 +426,35 @@ fn rulesets_with_plugins_are_format_2_others_stay_1() {
         "1.0, as before plugins"
     );
 }
+
+#[test]
+fn diff_runs_each_sides_plugins() {
+    let with = shop_ruleset(shop_specs("image_team.wasm"));
+    let mut specs = shop_specs("image_team.wasm");
+    specs[0].settings = Some(r#"{"deny":[]}"#.into());
+    let without = shop_ruleset(specs);
+    let loaded = source::load(&[root().join("testdata/plugins/cluster.yaml")]).unwrap();
+    let changes = trireme_compiler::diff::compute(
+        &with,
+        &without,
+        &loaded.cluster,
+        &[(8080, Protocol::Tcp), (8443, Protocol::Tcp)],
+    )
+    .unwrap();
+    let got: Vec<String> = changes
+        .iter()
+        .map(|c| format!("{}>{}:{} {}", c.from, c.to, c.port, c.allowed_after))
+        .collect();
+    // Emptying the deny-list opens payments' 8443 to the storefront.
+    assert_eq!(
+        got,
+        s(&[
+            "shop/impostor>shop/api:8443 true",
+            "shop/impostor>shop/batch:8443 true",
+            "shop/impostor>shop/ledger:8443 true",
+            "shop/web>shop/api:8443 true",
+            "shop/web>shop/batch:8443 true",
+            "shop/web>shop/ledger:8443 true",
+        ])
+    );
+}
