@@ -6,8 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo build --release --quiet -p trireme-compiler -p trireme-runtime
-T=target/release/trireme
+# TRIREME_DEMO_PROFILE=dev (the test command) reuses the test build
+# instead of compiling everything again with optimizations.
+profile="${TRIREME_DEMO_PROFILE:-release}"
+dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+cargo build --profile "$profile" --quiet -p trireme-compiler -p trireme-runtime
+T=target/$dir/trireme
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 set -x
@@ -27,7 +31,7 @@ sed 's/role: frontend/role: external/' testdata/apobeer/policy.yaml > "$out/chan
 $T diff testdata/apobeer/policy.yaml "$out/changed.yaml" -f testdata/apobeer/cluster.yaml || echo "(exit $?: flows changed)"
 set +x
 if [ "$(id -u)" -eq 0 ]; then
-  target/release/trireme-demo testdata/apobeer testdata/three-tier
+  target/$dir/trireme-demo testdata/apobeer testdata/three-tier
 else
   echo "(skipping the enforcement demo: it needs root to create network namespaces)"
 fi

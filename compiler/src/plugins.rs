@@ -160,6 +160,12 @@ impl Plugins {
         if let Some(&n) = ids.by_identity.get(id) {
             return n;
         }
+        // Bounded: a long-lived node meets many peer identities. Clearing
+        // only costs recomputing ids; instances keep what they were told.
+        if ids.by_identity.len() >= 65_536 {
+            ids.by_identity.clear();
+            ids.json.clear();
+        }
         let n = abi::identity_id(id.iter());
         let map: BTreeMap<String, String> = id
             .iter()
