@@ -11,10 +11,10 @@
 //! ```
 
 use crate::cluster::Cluster;
-use crate::eval::{Endpoint, Evaluator, Flow};
+use crate::eval::{Endpoint, Flow};
 use crate::explain;
 use crate::model::{Identity, NamedPort, Protocol};
-use crate::plugins::{self, PluginSpec, Plugins};
+use crate::plugins::{self, PluginSpec};
 use crate::ruleset::Ruleset;
 use crate::{compile, source};
 use serde::Deserialize;
@@ -326,16 +326,12 @@ pub fn run(path: &Path) -> Result<Report, String> {
         }
     };
     let mut cluster = loaded.cluster;
-    let plugins = Plugins::offline(&rs).map_err(|e| format!("{file}: {e}"))?;
-    let ev = match &plugins {
-        Some(p) => {
-            for w in p.resolve_cluster(&mut cluster) {
-                eprintln!("{file}: warning: {w}");
-            }
-            Evaluator::new(&rs).with_hooks(p)
-        }
-        None => Evaluator::new(&rs),
-    };
+    let (plugins, warnings) =
+        plugins::offline_view(&rs, &mut cluster).map_err(|e| format!("{file}: {e}"))?;
+    for w in warnings {
+        eprintln!("{file}: warning: {w}");
+    }
+    let ev = plugins::evaluator(&rs, plugins.as_ref());
     let cluster = &cluster;
     let outcomes = exps
         .into_iter()

@@ -2,11 +2,11 @@
 //! two policy sets. The question a reviewer asks of a pull request.
 
 use crate::cluster::{Cluster, Workload};
-use crate::eval::{Endpoint, Evaluator, Flow};
+use crate::eval::{Endpoint, Flow};
 use crate::explain;
 use crate::matrix;
 use crate::model::{PortMatch, Protocol};
-use crate::plugins::Plugins;
+use crate::plugins::{self, Plugins};
 use crate::ruleset::Ruleset;
 use std::collections::BTreeSet;
 use std::io::{self, Write};
@@ -64,20 +64,11 @@ fn endpoint(w: &Workload) -> Endpoint<'_> {
 /// (warnings to stderr, as `matrix` prints them).
 fn side(rs: &Ruleset, cluster: &Cluster) -> Result<(Cluster, Option<Plugins>), String> {
     let mut c = cluster.clone();
-    let p = Plugins::offline(rs)?;
-    if let Some(p) = &p {
-        for w in p.resolve_cluster(&mut c) {
-            eprintln!("warning: {w}");
-        }
+    let (p, warnings) = plugins::offline_view(rs, &mut c)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
     }
     Ok((c, p))
-}
-
-fn evaluator<'r>(rs: &'r Ruleset, p: &'r Option<Plugins>) -> Evaluator<'r> {
-    match p {
-        Some(p) => Evaluator::new(rs).with_hooks(p),
-        None => Evaluator::new(rs),
-    }
 }
 
 /// Fails only when a ruleset's plugins cannot be loaded. Each side runs its
@@ -90,7 +81,10 @@ pub fn compute(
 ) -> Result<Vec<Change>, String> {
     let (co, po) = side(old, cluster)?;
     let (cn, pn) = side(new, cluster)?;
-    let (eo, en) = (evaluator(old, &po), evaluator(new, &pn));
+    let (eo, en) = (
+        plugins::evaluator(old, po.as_ref()),
+        plugins::evaluator(new, pn.as_ref()),
+    );
     let (mo, mn) = (
         matrix::compute(&eo, &co, ports),
         matrix::compute(&en, &cn, ports),

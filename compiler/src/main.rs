@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use trireme_compiler::cluster::{Cluster, Workload};
-use trireme_compiler::eval::{Endpoint, Evaluator, Flow};
+use trireme_compiler::eval::{Endpoint, Flow};
 use trireme_compiler::model::Protocol;
 use trireme_compiler::plugins::{self, Plugins};
 use trireme_compiler::ruleset::Ruleset;
@@ -298,20 +298,12 @@ fn ruleset_and_cluster(
         }
     };
     let mut cluster = loaded.cluster;
-    let plugins = Plugins::offline(&rs).map_err(|e| fail(format!("error: {e}")))?;
-    if let Some(p) = &plugins {
-        for w in p.resolve_cluster(&mut cluster) {
-            eprintln!("warning: {w}");
-        }
+    let (plugins, warnings) =
+        plugins::offline_view(&rs, &mut cluster).map_err(|e| fail(format!("error: {e}")))?;
+    for w in warnings {
+        eprintln!("warning: {w}");
     }
     Ok((rs, cluster, plugins))
-}
-
-fn evaluator<'r>(rs: &'r Ruleset, plugins: &'r Option<Plugins>) -> Evaluator<'r> {
-    match plugins {
-        Some(p) => Evaluator::new(rs).with_hooks(p),
-        None => Evaluator::new(rs),
-    }
 }
 
 enum Party<'a> {
@@ -447,7 +439,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
         } => {
             let (rs, cluster, plugins) = ruleset_and_cluster(&files, ruleset.as_ref(), &pargs)?;
             let (src, dst) = (party(&cluster, &from)?, party(&cluster, &to)?);
-            let ev = evaluator(&rs, &plugins);
+            let ev = plugins::evaluator(&rs, plugins.as_ref());
             let flow = Flow {
                 src: endpoint(&src),
                 dst: endpoint(&dst),
@@ -483,7 +475,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
             plugins: pargs,
         } => {
             let (rs, cluster, plugins) = ruleset_and_cluster(&files, ruleset.as_ref(), &pargs)?;
-            let ev = evaluator(&rs, &plugins);
+            let ev = plugins::evaluator(&rs, plugins.as_ref());
             let m = matrix::compute(&ev, &cluster, &ports);
             let stdout = std::io::stdout();
             let mut out = BufWriter::new(stdout.lock());

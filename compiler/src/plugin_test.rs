@@ -213,14 +213,17 @@ fn decide_case(
         Some("egress") => QueryDirection::Egress,
         Some(o) => return Err(format!("direction {o:?}: ingress or egress")),
     };
-    let id = |l: &Option<BTreeMap<String, String>>| {
-        l.as_ref().map_or(0, |l| {
-            abi::identity_id(l.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    // Each side's id and labels JSON, as the host announces them.
+    let side = |l: &Option<BTreeMap<String, String>>| {
+        l.as_ref().map_or((0, None), |l| {
+            let id = abi::identity_id(l.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            (id, Some(abi::labels_json(l)))
         })
     };
+    let (from, to) = (side(&d.from), side(&d.to));
     let q = Query {
-        src_id: id(&d.from),
-        dst_id: id(&d.to),
+        src_id: from.0,
+        dst_id: to.0,
         src_ip: d.from_ip,
         dst_ip: d.to_ip,
         port: d.port,
@@ -228,11 +231,10 @@ fn decide_case(
         direction,
     };
     let mut labels_of = |n: u64| {
-        [&d.from, &d.to]
+        [&from, &to]
             .into_iter()
-            .flatten()
-            .find(|l| id(&Some((*l).clone())) == n)
-            .map(abi::labels_json)
+            .find(|(id, _)| *id == n)
+            .and_then(|(_, json)| json.clone())
     };
     let got = p.decide(&q, &mut labels_of);
     let shown = match &got {

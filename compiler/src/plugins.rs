@@ -5,7 +5,7 @@
 //! with an epoch deadline.
 
 use crate::cluster::{Cluster, ClusterPod};
-use crate::eval::{Flow, HookAnswer, Hooks};
+use crate::eval::{Evaluator, Flow, HookAnswer, Hooks};
 use crate::model::{Direction, Identity, Protocol, UNRESOLVED_KEY};
 use crate::ruleset::{self, Ruleset};
 use std::collections::{BTreeMap, HashMap};
@@ -174,6 +174,29 @@ impl Plugins {
         ids.json.insert(n, abi::labels_json(&map));
         ids.by_identity.insert(id.clone(), n);
         n
+    }
+}
+
+/// What every CLI command does with a ruleset and a snapshot: load the
+/// ruleset's plugins for offline use and resolve the snapshot with them.
+/// Returns the plugins and one warning per workload whose resolver failed.
+pub fn offline_view(
+    rs: &Ruleset,
+    cluster: &mut Cluster,
+) -> Result<(Option<Plugins>, Vec<String>), String> {
+    let p = Plugins::offline(rs)?;
+    let warnings = p
+        .as_ref()
+        .map(|p| p.resolve_cluster(cluster))
+        .unwrap_or_default();
+    Ok((p, warnings))
+}
+
+/// An evaluator of `rs` whose `ask` rules consult `plugins`, if any.
+pub fn evaluator<'r>(rs: &'r Ruleset, plugins: Option<&'r Plugins>) -> Evaluator<'r> {
+    match plugins {
+        Some(p) => Evaluator::new(rs).with_hooks(p),
+        None => Evaluator::new(rs),
     }
 }
 

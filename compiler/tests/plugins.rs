@@ -167,43 +167,33 @@ fn trireme(args: &[&str]) -> (i32, String, String) {
 fn plugin_test_reports_failures_and_bad_files() {
     let d = built();
     let cases = tmp("wrong.yaml");
-    std::fs::write(
-        &cases,
-        "cases:\n- name: wrong team\n  resolve: {images: [\"a.io/payments/api\"]}\n  expect: {team: web}\n- name: right\n  resolve: {images: [\"x/y\"]}\n  expect: {team: x}\n",
-    )
-    .unwrap();
     let w = d.join("image_team.wasm");
-    let (code, out, _) = trireme(&[
-        "plugin",
-        "test",
-        w.to_str().unwrap(),
-        cases.to_str().unwrap(),
-    ]);
+    // `trireme plugin test` on these cases.
+    let run = |text: &str| {
+        std::fs::write(&cases, text).unwrap();
+        trireme(&[
+            "plugin",
+            "test",
+            w.to_str().unwrap(),
+            cases.to_str().unwrap(),
+        ])
+    };
+    let (code, out, _) = run(
+        "cases:\n- name: wrong team\n  resolve: {images: [\"a.io/payments/api\"]}\n  expect: {team: web}\n- name: right\n  resolve: {images: [\"x/y\"]}\n  expect: {team: x}\n",
+    );
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("FAIL  wrong team: expected {\"team\":\"web\"}, got {\"team\":\"payments\"}"),
         "{out}"
     );
     assert!(out.contains("1 passed, 1 failed"), "{out}");
-    std::fs::write(&cases, "cases:\n- name: both\n  expect: allow\n").unwrap();
-    let (code, _, err) = trireme(&[
-        "plugin",
-        "test",
-        w.to_str().unwrap(),
-        cases.to_str().unwrap(),
-    ]);
+    let (code, _, err) = run("cases:\n- name: both\n  expect: allow\n");
     assert_eq!(code, 2);
     assert!(
         err.contains("give exactly one of `resolve` and `decide`"),
         "{err}"
     );
-    std::fs::write(&cases, "cases:\n- name: typo\n  resolv: {}\n  expect: {}\n").unwrap();
-    let (code, _, err) = trireme(&[
-        "plugin",
-        "test",
-        w.to_str().unwrap(),
-        cases.to_str().unwrap(),
-    ]);
+    let (code, _, err) = run("cases:\n- name: typo\n  resolv: {}\n  expect: {}\n");
     assert_eq!(code, 2);
     assert!(err.contains("resolv"), "{err}");
 }

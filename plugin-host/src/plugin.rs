@@ -15,7 +15,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use wasmtime::{
-    ExternType, FuncType, Memory, Module, Store, StoreLimitsBuilder, Trap, TypedFunc, ValType,
+    ExternType, FuncType, Instance, Memory, Module, Store, StoreLimitsBuilder, Trap, TypedFunc,
+    ValType, WasmParams, WasmResults,
 };
 
 pub type Labels = BTreeMap<String, String>;
@@ -206,6 +207,15 @@ fn signature_text(sig: &str) -> &'static str {
         "Iii->" => "(i64, i32, i32) -> ()",
         _ => "see docs/plugin-abi.md",
     }
+}
+
+/// An export whose type `validate` checked at load: the lookup cannot fail.
+fn export<P: WasmParams, R: WasmResults>(
+    inst: &Instance,
+    store: &mut Store<State>,
+    name: &str,
+) -> TypedFunc<P, R> {
+    inst.get_typed_func(store, name).expect("validated at load")
 }
 
 /// Maps a wasmtime failure onto what the guest did.
@@ -436,7 +446,7 @@ impl Plugin {
                 })
                 .inspect_err(|e| self.failed(e))?,
         };
-        self.arm(&mut live);
+        self.arm(&mut live.store);
         match f(&mut live) {
             Ok(v) => {
                 live.calls += 1;
@@ -472,10 +482,6 @@ impl Plugin {
         }
     }
 
-    fn arm(&self, live: &mut Live) {
-        self.arm_store(&mut live.store);
-    }
-
     fn instantiate(&self) -> Result<Live, Startup> {
         let limits = &self.host.limits;
         let cap = limits.memory_bytes;
@@ -497,42 +503,36 @@ impl Plugin {
         if matches!(limits.budget, Budget::Deadline(_)) {
             store.epoch_deadline_trap();
         }
-        self.arm_store(&mut store);
+        self.arm(&mut store);
         let inst = self
             .host
             .linker
             .instantiate(&mut store, &self.module)
             .map_err(|e| classify(e, cap))?;
-        let typed = |store: &mut Store<State>, n: &str| inst.get_func(&mut *store, n);
         let memory = inst
             .get_memory(&mut store, abi::EXPORT_MEMORY)
-            .expect("validated");
-        let version = typed(&mut store, abi::EXPORT_ABI_VERSION)
-            .expect("validated")
-            .typed::<(), i32>(&store)
-            .expect("validated")
+            .expect("validated at load");
+        let version = export::<(), i32>(&inst, &mut store, abi::EXPORT_ABI_VERSION)
             .call(&mut store, ())
             .map_err(|e| classify(e, cap))?;
         if version != abi::ABI_VERSION {
             return Err(Startup::Abi(version.into()));
         }
-        let alloc = inst
-            .get_typed_func::<i32, i32>(&mut store, abi::EXPORT_ALLOC)
-            .expect("validated");
-        let free = inst
-            .get_typed_func::<(i32, i32), ()>(&mut store, abi::EXPORT_FREE)
-            .expect("validated");
-        let opt = |store: &mut Store<State>, present: bool, n: &str| {
-            present.then(|| typed(store, n).expect("validated"))
-        };
-        let resolve = opt(&mut store, self.hooks.resolve, abi::EXPORT_RESOLVE)
-            .map(|f| f.typed::<(i32, i32), i64>(&store).expect("validated"));
-        let decide = opt(&mut store, self.hooks.decide, abi::EXPORT_DECIDE)
-            .map(|f| f.typed::<i32, i32>(&store).expect("validated"));
-        let identity = opt(&mut store, self.hooks.identity, abi::EXPORT_IDENTITY)
-            .map(|f| f.typed::<(i64, i32, i32), ()>(&store).expect("validated"));
-        let init = opt(&mut store, self.hooks.init, abi::EXPORT_INIT)
-            .map(|f| f.typed::<(i32, i32), i32>(&store).expect("validated"));
+        let alloc = export(&inst, &mut store, abi::EXPORT_ALLOC);
+        let free = export(&inst, &mut store, abi::EXPORT_FREE);
+        let h = self.hooks;
+        let resolve = h
+            .resolve
+            .then(|| export(&inst, &mut store, abi::EXPORT_RESOLVE));
+        let decide = h
+            .decide
+            .then(|| export(&inst, &mut store, abi::EXPORT_DECIDE));
+        let identity = h
+            .identity
+            .then(|| export(&inst, &mut store, abi::EXPORT_IDENTITY));
+        let init = h
+            .init
+            .then(|| export::<(i32, i32), i32>(&inst, &mut store, abi::EXPORT_INIT));
         let mut live = Live {
             store,
             memory,
@@ -562,7 +562,7 @@ impl Plugin {
         Ok(live)
     }
 
-    fn arm_store(&self, store: &mut Store<State>) {
+    fn arm(&self, store: &mut Store<State>) {
         match self.host.limits.budget {
             Budget::Fuel(n) => store.set_fuel(n).expect("fuel is enabled in fuel mode"),
             Budget::Deadline(d) => store.set_epoch_deadline(host::deadline_ticks(d)),
