@@ -240,7 +240,7 @@ impl<'r> Evaluator<'r> {
         &self,
         e: &Endpoint<'_>,
         app: Option<&'x Applicable>,
-    ) -> Option<std::borrow::Cow<'x, [(u32, u32)]>> {
+    ) -> Option<std::borrow::Cow<'x, [u32]>> {
         match app.and_then(|a| a.1.as_deref()) {
             Some(l) => Some(std::borrow::Cow::Borrowed(l)),
             None => e
@@ -284,7 +284,7 @@ impl<'r> Evaluator<'r> {
         ri: usize,
         r: &Rule,
         peer: &Endpoint<'_>,
-        labels: Option<&[(u32, u32)]>,
+        labels: Option<&[u32]>,
         flow: &Flow<'_>,
     ) -> bool {
         if !ports_match(&r.ports, flow) {
@@ -306,7 +306,7 @@ impl<'r> Evaluator<'r> {
         app: &Applicable,
         dir: Direction,
         peer: &Endpoint<'_>,
-        labels: Option<&[(u32, u32)]>,
+        labels: Option<&[u32]>,
         flow: &Flow<'_>,
     ) -> bool {
         if app.2 {
@@ -369,7 +369,7 @@ impl<'r> Evaluator<'r> {
         app: &Applicable,
         dir: Direction,
         peer: &Endpoint<'_>,
-        labels: Option<&[(u32, u32)]>,
+        labels: Option<&[u32]>,
         flow: &Flow<'_>,
     ) -> DirectionVerdict {
         let mut passed_by = Vec::new();

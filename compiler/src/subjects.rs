@@ -8,8 +8,10 @@
 //! (an equality requirement, the namespace when there is one) plus its
 //! remaining requirements in flat arrays of numbers, laid out bucket by
 //! bucket so that the candidates for one anchor sit together in memory.
-//! A lookup hashes the identity's labels once, probes the buckets of its
-//! (key, value) pairs and checks the remaining requirements on integers.
+//! A lookup hashes the identity's labels once into a dense array indexed by
+//! key (so a requirement is one array read, not a search), probes the
+//! buckets of the keys that anchor some selector, and checks the remaining
+//! requirements on integers.
 
 use crate::model::{Direction, Identity, NAMESPACE_KEY, Operator, Peer, Peers, Policy};
 use rustc_hash::FxHashMap as HashMap;
@@ -17,7 +19,9 @@ use std::ops::Range;
 
 /// A value the index has never seen: it cannot satisfy `In`, and satisfies
 /// `NotIn` and `Exists`.
-const UNKNOWN: u32 = u32::MAX;
+const UNKNOWN: u32 = u32::MAX - 1;
+/// The identity has no label with this key.
+const ABSENT: u32 = u32::MAX;
 
 #[derive(Debug, Clone, Copy)]
 struct Req {
@@ -34,7 +38,12 @@ struct Candidate {
 
 #[derive(Debug, Default, Clone)]
 pub struct SubjectIndex {
-    symbols: HashMap<Box<str>, u32>,
+    /// Keys are numbered densely (they index an encoded identity); values
+    /// have their own numbering.
+    keys: HashMap<Box<str>, u32>,
+    values_ix: HashMap<Box<str>, u32>,
+    /// Keys that anchor at least one bucket: the only ones a lookup probes.
+    anchor_keys: Vec<u32>,
     buckets: HashMap<(u32, u32), (u32, u32)>,
     candidates: Vec<Candidate>,
     unanchored: Vec<Candidate>,
@@ -50,8 +59,9 @@ pub struct SubjectIndex {
     peer_reqs: Vec<(u32, u32)>,
 }
 
-/// An identity's labels as sorted (key, value) symbols.
-pub type Encoded = Vec<(u32, u32)>;
+/// An identity's labels as value symbols indexed by key symbol (`ABSENT`
+/// where it has no such label, `UNKNOWN` for a value no selector names).
+pub type Encoded = Vec<u32>;
 
 fn range((start, end): (u32, u32)) -> Range<usize> {
     start as usize..end as usize
@@ -96,9 +106,9 @@ impl SubjectIndex {
                 });
             match anchor {
                 Some((ai, r)) => {
-                    let k = ix.intern(&r.key);
+                    let k = ix.intern_key(&r.key);
                     for v in &r.values {
-                        let v = ix.intern(v);
+                        let v = ix.intern_value(v);
                         grouped.entry((k, v)).or_default().push((pi as u32, ai));
                     }
                 }
@@ -106,6 +116,9 @@ impl SubjectIndex {
             }
         }
         for (anchor, members) in grouped {
+            if ix.anchor_keys.last() != Some(&anchor.0) {
+                ix.anchor_keys.push(anchor.0);
+            }
             let start = ix.candidates.len() as u32;
             for (pi, ai) in members {
                 let c = ix.compile(&policies[pi as usize], pi, Some(ai));
@@ -138,16 +151,15 @@ impl SubjectIndex {
         ix
     }
 
-    /// `id`'s labels as symbols, sorted by key. Labels whose key no
-    /// selector mentions cannot affect any requirement and are left out.
+    /// `id`'s labels as symbols. Labels whose key no selector mentions
+    /// cannot affect any requirement and are left out.
     pub fn encode(&self, id: &Identity) -> Encoded {
-        let mut labels: Vec<(u32, u32)> = Vec::with_capacity(id.len());
+        let mut labels = vec![ABSENT; self.keys.len()];
         for (k, v) in id.iter() {
-            if let Some(&k) = self.symbols.get(k) {
-                labels.push((k, self.symbols.get(v).copied().unwrap_or(UNKNOWN)));
+            if let Some(&k) = self.keys.get(k) {
+                labels[k as usize] = self.values_ix.get(v).copied().unwrap_or(UNKNOWN);
             }
         }
-        labels.sort_unstable_by_key(|l| l.0);
         labels
     }
 
@@ -159,7 +171,7 @@ impl SubjectIndex {
         dir: Direction,
         rule: usize,
         k: usize,
-        labels: &[(u32, u32)],
+        labels: &[u32],
     ) -> bool {
         let d = match dir {
             Direction::Ingress => 0,
@@ -170,9 +182,14 @@ impl SubjectIndex {
         self.reqs_match(self.peer_reqs[first_peer + k], labels)
     }
 
-    fn intern(&mut self, s: &str) -> u32 {
-        let next = self.symbols.len() as u32;
-        *self.symbols.entry(s.into()).or_insert(next)
+    fn intern_key(&mut self, s: &str) -> u32 {
+        let next = self.keys.len() as u32;
+        *self.keys.entry(s.into()).or_insert(next)
+    }
+
+    fn intern_value(&mut self, s: &str) -> u32 {
+        let next = self.values_ix.len() as u32;
+        *self.values_ix.entry(s.into()).or_insert(next)
     }
 
     fn compile(&mut self, p: &Policy, pi: u32, skip: Option<usize>) -> Candidate {
@@ -192,9 +209,9 @@ impl SubjectIndex {
             if Some(i) == skip {
                 continue;
             }
-            let key = self.intern(&r.key);
+            let key = self.intern_key(&r.key);
             let vstart = self.values.len() as u32;
-            let mut vs: Vec<u32> = r.values.iter().map(|v| self.intern(v)).collect();
+            let mut vs: Vec<u32> = r.values.iter().map(|v| self.intern_value(v)).collect();
             vs.sort_unstable();
             self.values.extend(vs);
             self.reqs.push(Req {
@@ -212,10 +229,11 @@ impl SubjectIndex {
     }
 
     /// As `lookup`, for an identity already encoded.
-    pub fn lookup_encoded(&self, labels: &[(u32, u32)]) -> Vec<u32> {
+    pub fn lookup_encoded(&self, labels: &[u32]) -> Vec<u32> {
         let mut out = Vec::with_capacity(16);
-        for &(k, v) in labels {
-            if v == UNKNOWN {
+        for &k in &self.anchor_keys {
+            let v = labels[k as usize];
+            if v >= UNKNOWN {
                 continue;
             }
             if let Some(&bucket) = self.buckets.get(&(k, v)) {
@@ -223,7 +241,7 @@ impl SubjectIndex {
                 out.extend(
                     cands
                         .iter()
-                        .filter(|c| self.all(c, labels))
+                        .filter(|c| self.reqs_match(c.reqs, labels))
                         .map(|c| c.policy),
                 );
             }
@@ -231,7 +249,7 @@ impl SubjectIndex {
         out.extend(
             self.unanchored
                 .iter()
-                .filter(|c| self.all(c, labels))
+                .filter(|c| self.reqs_match(c.reqs, labels))
                 .map(|c| c.policy),
         );
         // Each policy has one anchor and an identity one value per key, so
@@ -240,22 +258,15 @@ impl SubjectIndex {
         out
     }
 
-    fn all(&self, c: &Candidate, labels: &[(u32, u32)]) -> bool {
-        self.reqs_match(c.reqs, labels)
-    }
-
-    fn reqs_match(&self, reqs: (u32, u32), labels: &[(u32, u32)]) -> bool {
+    fn reqs_match(&self, reqs: (u32, u32), labels: &[u32]) -> bool {
         self.reqs[range(reqs)].iter().all(|r| {
-            let v = labels
-                .binary_search_by_key(&r.key, |l| l.0)
-                .ok()
-                .map(|i| labels[i].1);
-            let values = &self.values[range(r.values)];
+            let v = labels[r.key as usize];
+            let listed = || v < UNKNOWN && self.values[range(r.values)].contains(&v);
             match r.op {
-                Operator::In => v.is_some_and(|v| v != UNKNOWN && values.contains(&v)),
-                Operator::NotIn => v.is_none_or(|v| v == UNKNOWN || !values.contains(&v)),
-                Operator::Exists => v.is_some(),
-                Operator::DoesNotExist => v.is_none(),
+                Operator::In => listed(),
+                Operator::NotIn => !listed(),
+                Operator::Exists => v != ABSENT,
+                Operator::DoesNotExist => v == ABSENT,
             }
         })
     }
