@@ -163,3 +163,156 @@ fn validation_errors_point_at_the_field() {
         assert!(err.contains(want), "want {want:?} in:\n{err}\nfor:\n{yaml}");
     }
 }
+
+/// One network-policy-api conformance suite transcribed as data: the
+/// manifest upstream applies, then its tests; each test starts again from
+/// the manifest and its steps update objects in place, as upstream's do.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Suite {
+    policies: String,
+    tests: Vec<SuiteTest>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteTest {
+    name: String,
+    steps: Vec<Step>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Step {
+    name: String,
+    #[serde(default)]
+    update: Option<Update>,
+    expect: Vec<std::collections::BTreeMap<String, String>>,
+}
+
+/// Upstream's `Update`/`Patch` calls: swapping two rules, or replacing a
+/// field.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum Update {
+    Swap {
+        policy: String,
+        #[serde(default)]
+        ingress: Option<[usize; 2]>,
+        #[serde(default)]
+        egress: Option<[usize; 2]>,
+    },
+    Set {
+        policy: String,
+        path: Vec<serde_json::Value>,
+        value: serde_json::Value,
+    },
+}
+
+fn object<'a>(docs: &'a mut [serde_json::Value], name: &str) -> &'a mut serde_json::Value {
+    docs.iter_mut()
+        .find(|d| d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no object named {name}"))
+}
+
+fn apply(docs: &mut [serde_json::Value], u: &Update) {
+    match u {
+        Update::Swap {
+            policy,
+            ingress,
+            egress,
+        } => {
+            let p = object(docs, policy);
+            for (dir, at) in [("ingress", ingress), ("egress", egress)] {
+                if let Some([i, j]) = at {
+                    p["spec"][dir].as_array_mut().unwrap().swap(*i, *j);
+                }
+            }
+        }
+        Update::Set {
+            policy,
+            path,
+            value,
+        } => {
+            let mut at = object(docs, policy);
+            for k in path {
+                at = match k {
+                    serde_json::Value::String(s) => &mut at[s.as_str()],
+                    n => &mut at[n.as_u64().unwrap() as usize],
+                };
+            }
+            *at = value.clone();
+        }
+    }
+}
+
+/// Every step of every transcribed suite becomes a complete `trireme test`
+/// file (the objects in force at that step, the step's probes), and one
+/// `trireme test` run checks them all.
+#[test]
+fn network_policy_api_suites_pass() {
+    let root =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/conformance/network-policy-api");
+    let cluster = root.join("cluster.yaml");
+    let out = std::env::temp_dir().join(format!("trireme-npapi-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut files = Vec::new();
+    let (mut suites, mut probes) = (0, 0);
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("suite.yaml").exists())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        suites += 1;
+        let suite: Suite =
+            serde_saphyr::from_str(&std::fs::read_to_string(dir.join("suite.yaml")).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let manifest: Vec<serde_json::Value> = std::fs::read_to_string(dir.join(&suite.policies))
+            .unwrap()
+            .split("\n---\n")
+            .map(|d| serde_saphyr::from_str(d).unwrap())
+            .collect();
+        for (ti, test) in suite.tests.iter().enumerate() {
+            let mut docs = manifest.clone();
+            for (si, step) in test.steps.iter().enumerate() {
+                if let Some(u) = &step.update {
+                    apply(&mut docs, u);
+                }
+                let d = out.join(format!(
+                    "{}-{ti}-{si}",
+                    dir.file_name().unwrap().to_string_lossy()
+                ));
+                std::fs::create_dir_all(&d).unwrap();
+                // JSON is YAML: the objects exactly as updated.
+                let text: Vec<String> = docs.iter().map(|d| d.to_string()).collect();
+                std::fs::write(d.join("policies.yaml"), text.join("\n---\n")).unwrap();
+                let file = serde_json::json!({
+                    "cluster": cluster,
+                    "policies": "policies.yaml",
+                    "expect": step.expect,
+                });
+                let header = format!("# {} / {}: {}\n", dir.display(), test.name, step.name);
+                std::fs::write(d.join("test.yaml"), header + &file.to_string()).unwrap();
+                probes += step.expect.len();
+                files.push(d.join("test.yaml").display().to_string());
+            }
+        }
+    }
+    assert!(suites >= 12, "{suites} suites");
+    let mut args = vec!["test"];
+    args.extend(files.iter().map(String::as_str));
+    let o = trireme(&args);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains(&format!("{probes} passed, 0 failed")),
+        "{probes} probes: {text}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
