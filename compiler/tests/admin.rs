@@ -300,7 +300,7 @@ fn network_policy_api_suites_pass() {
             }
         }
     }
-    assert!(suites >= 13, "{suites} suites");
+    assert!(suites >= 14, "{suites} suites");
     let mut args = vec!["test"];
     args.extend(files.iter().map(String::as_str));
     let o = trireme(&args);
