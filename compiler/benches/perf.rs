@@ -227,6 +227,13 @@ fn main() {
         ip: ws[i].pod.ips.first().copied(),
         ports: &ws[i].pod.ports,
     };
+    // Every decision measured is a TCP connection to the database port.
+    let flow = |s: usize, d: usize| Flow {
+        src: ep(s),
+        dst: ep(d),
+        port: 5432,
+        protocol: Protocol::Tcp,
+    };
     let per_decision = |f: &dyn Fn(usize, usize) -> bool| {
         // One untimed pass first, so the first variant measured is not
         // penalised by cold caches.
@@ -243,38 +250,12 @@ fn main() {
         }
         median(samples)
     };
-    let indexed = per_decision(&|s, d| {
-        ev.allowed(&Flow {
-            src: ep(s),
-            dst: ep(d),
-            port: 5432,
-            protocol: Protocol::Tcp,
-        })
-    });
-    let explained = per_decision(&|s, d| {
-        ev.evaluate(&Flow {
-            src: ep(s),
-            dst: ep(d),
-            port: 5432,
-            protocol: Protocol::Tcp,
-        })
-        .allowed
-    });
+    let indexed = per_decision(&|s, d| ev.allowed(&flow(s, d)));
+    let explained = per_decision(&|s, d| ev.evaluate(&flow(s, d)).allowed);
     let lookup = per_decision(&|s, _| !ev.applicable(&ws[s].identity).policies().is_empty());
     // The runtime knows its PUs' applicable policies in advance.
     let apps: Vec<_> = ws.iter().map(|w| ev.applicable(&w.identity)).collect();
-    let pre = per_decision(&|s, d| {
-        ev.allowed_with(
-            &Flow {
-                src: ep(s),
-                dst: ep(d),
-                port: 5432,
-                protocol: Protocol::Tcp,
-            },
-            Some(&apps[s]),
-            Some(&apps[d]),
-        )
-    });
+    let pre = per_decision(&|s, d| ev.allowed_with(&flow(s, d), Some(&apps[s]), Some(&apps[d])));
     // Baseline: find applicable policies by testing every subject selector.
     let scan = per_decision(&|s, d| {
         let app = |i: usize| {
@@ -285,12 +266,7 @@ fn main() {
         };
         let (a, b) = (app(s), app(d));
         ev.allowed_with(
-            &Flow {
-                src: ep(s),
-                dst: ep(d),
-                port: 5432,
-                protocol: Protocol::Tcp,
-            },
+            &flow(s, d),
             Some(&Applicable::from_vec(a)),
             Some(&Applicable::from_vec(b)),
         )
@@ -356,45 +332,18 @@ fn main() {
         );
         let tiers = Ruleset::new(rs.sources.clone(), all);
         let tev = Evaluator::new(&tiers);
-        let tiered = per_decision(&|s, d| {
-            tev.allowed(&Flow {
-                src: ep(s),
-                dst: ep(d),
-                port: 5432,
-                protocol: Protocol::Tcp,
-            })
-        });
+        let tiered = per_decision(&|s, d| tev.allowed(&flow(s, d)));
         let tapps: Vec<_> = ws.iter().map(|w| tev.applicable(&w.identity)).collect();
-        let tpre = per_decision(&|s, d| {
-            tev.allowed_with(
-                &Flow {
-                    src: ep(s),
-                    dst: ep(d),
-                    port: 5432,
-                    protocol: Protocol::Tcp,
-                },
-                Some(&tapps[s]),
-                Some(&tapps[d]),
-            )
-        });
+        let tpre =
+            per_decision(&|s, d| tev.allowed_with(&flow(s, d), Some(&tapps[s]), Some(&tapps[d])));
         // As the two nodes do it: each knows its own PU's policies in
         // advance and encodes the peer's labels from its token.
         let bare: Vec<_> = tapps
             .iter()
             .map(|a| Applicable::from_vec(a.policies().to_vec()))
             .collect();
-        let tnodes = per_decision(&|s, d| {
-            tev.allowed_with(
-                &Flow {
-                    src: ep(s),
-                    dst: ep(d),
-                    port: 5432,
-                    protocol: Protocol::Tcp,
-                },
-                Some(&bare[s]),
-                Some(&bare[d]),
-            )
-        });
+        let tnodes =
+            per_decision(&|s, d| tev.allowed_with(&flow(s, d), Some(&bare[s]), Some(&bare[d])));
         let avg =
             tapps.iter().map(|a| a.policies().len()).sum::<usize>() as f64 / tapps.len() as f64;
         let per_tier = |t: Tier| tiers.policies.iter().filter(|p| p.tier == t).count();

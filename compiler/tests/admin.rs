@@ -19,28 +19,42 @@ fn precedence_scenarios_pass() {
         ("../testdata/admin", 8),
         ("../testdata/conformance/network-policy-api", 5),
     ] {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
-        let found: Vec<String> = std::fs::read_dir(&root)
-            .unwrap()
-            .filter_map(|e| {
-                let p = e.ok()?.path().join("test.yaml");
-                p.exists().then(|| p.display().to_string())
-            })
+        let found: Vec<String> = dirs_with(dir, "test.yaml")
+            .iter()
+            .map(|d| d.join("test.yaml").display().to_string())
             .collect();
         assert!(found.len() >= at_least, "{dir}");
         files.extend(found);
     }
     files.sort();
+    let out = trireme_test_passes(&files);
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+}
+
+/// The directories under `dir` (relative to this crate) holding `file`, sorted.
+fn dirs_with(dir: &str, file: &str) -> Vec<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut found: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join(file).exists())
+        .collect();
+    found.sort();
+    found
+}
+
+/// Runs `trireme test` on `files`, asserts it succeeded and returns its output.
+fn trireme_test_passes(files: &[String]) -> String {
     let mut args = vec!["test"];
     args.extend(files.iter().map(String::as_str));
     let o = trireme(&args);
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
         o.status.success(),
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains(" passed, 0 failed"), "{out}");
+    out
 }
 
 fn compile_err(yaml: &str) -> String {
@@ -258,12 +272,7 @@ fn network_policy_api_suites_pass() {
     let _ = std::fs::remove_dir_all(&out);
     let mut files = Vec::new();
     let (mut suites, mut probes) = (0, 0);
-    let mut dirs: Vec<_> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("suite.yaml").exists())
-        .collect();
-    dirs.sort();
+    let dirs = dirs_with("../testdata/conformance/network-policy-api", "suite.yaml");
     for dir in dirs {
         suites += 1;
         let suite: Suite =
@@ -301,15 +310,7 @@ fn network_policy_api_suites_pass() {
         }
     }
     assert!(suites >= 14, "{suites} suites");
-    let mut args = vec!["test"];
-    args.extend(files.iter().map(String::as_str));
-    let o = trireme(&args);
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let text = trireme_test_passes(&files);
     assert!(
         text.contains(&format!("{probes} passed, 0 failed")),
         "{probes} probes: {text}"
