@@ -24,11 +24,13 @@ if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
   fi
 fi
 # The enforcer's tests and demo: network namespaces (iproute2, nsenter from
-# util-linux), iptables-nft for the rules, scapy for the replay test.
+# util-linux), iptables-nft for the TCP chains, nft for the UDP/SCTP sets,
+# scapy for the replay and SCTP tests.
 need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v iptables-restore >/dev/null || need+=(iptables)
+command -v nft >/dev/null || need+=(nftables)
 /usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
 # The C and AssemblyScript plugin examples: clang + wasm-ld (lld), node + npm.
 command -v clang >/dev/null || need+=(clang)

@@ -20,14 +20,18 @@
 //! first packet of a UDP or SCTP flow, on the same evaluator.
 
 use crate::counters::Counters;
+use crate::datagram::{Boundaries, Cell};
 use crate::flows::{FlowKey, FlowTable};
+use crate::nft::PuTables;
 use crate::packet::{self, ACK, RST, SYN};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use trireme_compiler::eval::{Applicable, Endpoint, Evaluator, Flow};
-use trireme_compiler::model::{Identity, NAMESPACE_KEY, NamedPort, Protocol, UNRESOLVED_KEY};
+use trireme_compiler::model::{
+    Action, Identity, NAMESPACE_KEY, NamedPort, Peer, Peers, PortMatch, Protocol, UNRESOLVED_KEY,
+};
 use trireme_compiler::plugins::Plugins;
 use trireme_compiler::plugins::host::{Host, Limits, Workload};
 use trireme_compiler::ruleset::Ruleset;
@@ -244,6 +248,9 @@ pub struct Enforcer {
     flows: Mutex<FlowTable<State>>,
     /// Identities of workloads known by IP, for peers that send no token.
     by_ip: HashMap<IpAddr, Identity>,
+    /// This node's PUs by address (read from their namespaces), so that
+    /// datagrams between them are judged by their labels too.
+    local_ips: RwLock<HashMap<IpAddr, usize>>,
     timeout_ms: u64,
     pub counters: Counters,
     host: LazyHost,
@@ -320,6 +327,7 @@ impl Enforcer {
             pus,
             flows: Mutex::new(FlowTable::new(max_flows)),
             by_ip,
+            local_ips: RwLock::new(HashMap::new()),
             timeout_ms,
             counters: Counters::default(),
             host,
@@ -334,6 +342,15 @@ impl Enforcer {
         &self.pus
     }
 
+    /// The addresses of this node's PUs (PU index by address).
+    pub fn set_local_ips(&self, ips: HashMap<IpAddr, usize>) {
+        *self.local_ips.write().unwrap_or_else(|e| e.into_inner()) = ips;
+    }
+
+    fn local_ips(&self) -> std::sync::RwLockReadGuard<'_, HashMap<IpAddr, usize>> {
+        self.local_ips.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn policy(&self) -> Arc<Loaded> {
         self.policy
             .read()
@@ -346,10 +363,20 @@ impl Enforcer {
     /// A ruleset whose plugins cannot be loaded is refused and the current
     /// one stays.
     pub fn update_policy(&self, rs: Ruleset) -> Result<(), String> {
-        let l = Arc::new(self.load(rs)?);
+        let l = self.prepare(rs)?;
+        self.install(l);
+        Ok(())
+    }
+
+    /// A ruleset loaded for this node's PUs, not yet in force (so that the
+    /// kernel's tables can be built from it first).
+    pub fn prepare(&self, rs: Ruleset) -> Result<Arc<Loaded>, String> {
+        Ok(Arc::new(self.load(rs)?))
+    }
+
+    pub fn install(&self, l: Arc<Loaded>) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = l;
         self.counters.inc("policy_updates");
-        Ok(())
     }
 
     /// Record a handshake state with the handshake deadline.
@@ -381,13 +408,23 @@ impl Enforcer {
 
     /// One direction of the policy for a local PU against a peer.
     fn allowed(&self, pu: usize, hook: Hook, q: Query, peer: Option<&Identity>) -> bool {
+        self.allowed_under(&self.policy(), pu, hook, q, peer)
+    }
+
+    fn allowed_under(
+        &self,
+        l: &Loaded,
+        pu: usize,
+        hook: Hook,
+        q: Query,
+        peer: Option<&Identity>,
+    ) -> bool {
         let Query {
             local,
             remote,
             port,
             protocol,
         } = q;
-        let l = self.policy();
         let ev = match &l.plugins {
             Some(p) => Evaluator::with_index(&l.rs, &l.subjects).with_hooks(p),
             None => Evaluator::with_index(&l.rs, &l.subjects),
@@ -398,11 +435,14 @@ impl Enforcer {
             ip: Some(local),
             ports: &me.ports,
         };
-        let peer = peer.or_else(|| self.by_ip.get(&remote));
+        let local_pu = self.local_ips().get(&remote).copied();
+        let peer = peer
+            .or_else(|| self.by_ip.get(&remote))
+            .or_else(|| local_pu.map(|j| &l.pus[j].identity));
         let them = Endpoint {
             identity: peer,
             ip: Some(remote),
-            ports: &[],
+            ports: local_pu.map_or(&[][..], |j| &self.pus[j].ports),
         };
         let app = Some(&l.applicable[pu]);
         match hook {
@@ -425,6 +465,92 @@ impl Enforcer {
                 ev.allowed_with(&f, app, None)
             }
         }
+    }
+
+    /// The kernel's UDP and SCTP verdicts for PU `pu` under `l`, both
+    /// directions and families (datagram.rs says why this is exact).
+    /// The notes say where a PU's datagrams still go to userspace.
+    pub fn datagram_tables(&self, l: &Loaded, pu: usize) -> (PuTables, Vec<String>) {
+        let mut notes = Vec::new();
+        let mut table = |hook: Hook, v6: bool| {
+            let mut b = Boundaries::new(v6);
+            let mut ask = false;
+            for &i in l.applicable[pu].policies() {
+                let p = &l.rs.policies[i as usize];
+                let rules = match hook {
+                    Hook::In => &p.ingress,
+                    Hook::Out => &p.egress,
+                };
+                for r in rules.iter().flatten() {
+                    ask |= matches!(r.action, Action::Ask(_));
+                    if let Peers::AnyOf(peers) = &r.peers {
+                        for peer in peers {
+                            if let Peer::Cidr(c) = peer {
+                                b.net(&c.cidr);
+                                c.except.iter().for_each(|e| b.net(e));
+                            }
+                        }
+                    }
+                    for pr in &r.ports {
+                        match &pr.port {
+                            PortMatch::Any => {}
+                            PortMatch::Range { first, last } => b.ports(*first, *last),
+                            // Named ports resolve against the destination:
+                            // this PU on ingress, another local PU on egress.
+                            PortMatch::Named(n) => {
+                                let dsts = match hook {
+                                    Hook::In => &self.pus[pu..=pu],
+                                    Hook::Out => &self.pus[..],
+                                };
+                                dsts.iter()
+                                    .flat_map(|d| &d.ports)
+                                    .filter(|np| np.name == *n)
+                                    .for_each(|np| b.ports(np.port, np.port))
+                            }
+                        }
+                    }
+                }
+            }
+            for ip in self.by_ip.keys().chain(self.local_ips().keys()) {
+                b.host(*ip);
+            }
+            if ask {
+                return b.uniform(Cell::Ask);
+            }
+            let local = if v6 {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            };
+            let decide = |remote, protocol, port| {
+                let q = Query {
+                    local,
+                    remote,
+                    port,
+                    protocol,
+                };
+                if self.allowed_under(l, pu, hook, q, None) {
+                    Cell::Allow
+                } else {
+                    Cell::Deny
+                }
+            };
+            b.compile(decide).unwrap_or_else(|cells| {
+                notes.push(format!(
+                    "{} cells for {hook:?}/IPv{}: decided in userspace",
+                    cells,
+                    if v6 { 6 } else { 4 }
+                ));
+                b.uniform(Cell::Ask)
+            })
+        };
+        let t = PuTables {
+            in4: table(Hook::In, false),
+            in6: table(Hook::In, true),
+            out4: table(Hook::Out, false),
+            out6: table(Hook::Out, true),
+        };
+        (t, notes)
     }
 
     /// The verdict for one queued packet of PU `pu`. Never panics on any

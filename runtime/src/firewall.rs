@@ -146,6 +146,30 @@ pub fn apply(netns: &Path, o: &Options) -> Result<(), String> {
     Ok(())
 }
 
+/// The PU's global addresses (what its peers see as its source).
+pub fn addresses(netns: &Path) -> Result<Vec<std::net::IpAddr>, String> {
+    let mut c = nsenter(netns);
+    c.args(["ip", "-j", "address", "show"]);
+    let out = run(c, None)?;
+    parse_addresses(&out)
+}
+
+fn parse_addresses(json: &str) -> Result<Vec<std::net::IpAddr>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("`ip -j address`: {e}"))?;
+    let mut ips = Vec::new();
+    for link in v.as_array().into_iter().flatten() {
+        for a in link["addr_info"].as_array().into_iter().flatten() {
+            if a["scope"] == "global"
+                && let Some(ip) = a["local"].as_str().and_then(|s| s.parse().ok())
+            {
+                ips.push(ip);
+            }
+        }
+    }
+    Ok(ips)
+}
+
 /// Remove everything `apply` added (the PU is gone or no longer ours).
 pub fn remove(netns: &Path) -> Result<(), String> {
     let mut errors = Vec::new();
@@ -180,6 +204,23 @@ pub fn remove(netns: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn global_addresses_only() {
+        let json = r#"[{"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","scope":"host"}]},
+            {"ifname":"eth0","addr_info":[{"family":"inet","local":"198.18.1.10","scope":"global"},
+            {"family":"inet6","local":"fd00::1:10","scope":"global"},
+            {"family":"inet6","local":"fe80::1","scope":"link"}]}]"#;
+        let ips = parse_addresses(json).unwrap();
+        assert_eq!(
+            ips,
+            vec![
+                "198.18.1.10".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::1:10".parse().unwrap()
+            ]
+        );
+        assert!(parse_addresses("not json").is_err());
+    }
 
     #[test]
     fn fail_closed_by_default() {

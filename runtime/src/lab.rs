@@ -7,7 +7,7 @@
 
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -356,6 +356,43 @@ pub fn fetch(from: &Host, to: SocketAddr, n: u64, timeout: Duration) -> Option<S
 /// Whether a short exchange from `from` to `to` succeeds.
 pub fn probe(from: &Host, to: SocketAddr) -> bool {
     fetch(from, to, 64, Duration::from_millis(1500)).is_some()
+}
+
+/// A UDP echo server on `ip:port` in `host`'s namespace, for the life of
+/// the namespace.
+pub fn serve_udp(host: &Host, ip: IpAddr, port: u16) {
+    let sock = in_netns(&host.path(), move || {
+        std::net::UdpSocket::bind(SocketAddr::new(ip, port))
+    })
+    .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
+}
+
+/// Whether a datagram from `from` to `to` is answered (three tries over
+/// 1.5 s: a datagram has no retransmission of its own).
+pub fn udp_probe(from: &Host, to: SocketAddr) -> bool {
+    in_netns(&from.path(), move || {
+        let any: IpAddr = if to.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        let Ok(s) = std::net::UdpSocket::bind(SocketAddr::new(any, 0)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 64];
+        (0..3).any(|i| {
+            let msg = [b'p', i];
+            s.send_to(&msg, to).is_ok()
+                && matches!(s.recv_from(&mut buf), Ok((2, peer)) if peer == to && buf[..2] == msg)
+        })
+    })
 }
 
 /// An open connection kept for later (established-flow tests).

@@ -4,10 +4,12 @@
 
 pub mod config;
 pub mod counters;
+pub mod datagram;
 pub mod enforcer;
 pub mod firewall;
 pub mod flows;
 pub mod lab;
+pub mod nft;
 pub mod node;
 pub mod packet;
 pub mod queue;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use trireme_runtime::config::Config;
-use trireme_runtime::{enforcer::Enforcer, firewall, node};
+use trireme_runtime::{enforcer::Enforcer, firewall, nft, node};
 
 #[derive(Parser)]
 #[command(name = "trireme-runtime", version, about)]
@@ -113,12 +113,15 @@ fn run(config: PathBuf) -> Result<(), String> {
     }
     loop {
         match sigs.wait().map_err(|e| e.to_string())? {
-            Signal::SIGHUP => match node::load_ruleset(&cfg).and_then(|rs| e.update_policy(rs)) {
-                Ok(()) => {
+            Signal::SIGHUP => match node::reload(&cfg, &e) {
+                Ok(warning) => {
                     log(format!(
                         "ruleset reloaded: sha256:{} (applies to new connections)",
                         e.policy().hash
                     ));
+                    if let Some(w) = warning {
+                        log(format!("ERROR: {w}"));
+                    }
                 }
                 Err(err) => log(format!(
                     "reload refused, keeping the current ruleset: {err}"
@@ -158,6 +161,9 @@ fn main() -> ExitCode {
                     let mut errs = Vec::new();
                     for pu in &cfg.pus {
                         if let Err(e) = firewall::remove(&pu.netns_path()) {
+                            errs.push(format!("pu {}: {e}", pu.name));
+                        }
+                        if let Err(e) = nft::remove(&pu.netns_path()) {
                             errs.push(format!("pu {}: {e}", pu.name));
                         }
                     }

@@ -3,8 +3,9 @@
 //! the queue workers started.
 
 use crate::config::Config;
-use crate::enforcer::{Enforcer, Pu};
+use crate::enforcer::{Enforcer, Loaded, Pu};
 use crate::firewall;
+use crate::nft;
 use crate::queue;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -142,5 +143,68 @@ pub fn start(
         }
         firewall::apply(&netns, &opts).map_err(|e| format!("pu {}: {e}", pu.name))?;
     }
+    learn_local_ips(cfg, enforcer)?;
+    datagram_tables(cfg, enforcer, &enforcer.policy())?;
     Ok(handles)
+}
+
+/// Read every PU's addresses from its namespace (again on each reload:
+/// a PU may have been renumbered).
+pub fn learn_local_ips(cfg: &Config, e: &Enforcer) -> Result<(), String> {
+    let mut ips = HashMap::new();
+    for (i, pu) in cfg.pus.iter().enumerate() {
+        for ip in
+            firewall::addresses(&pu.netns_path()).map_err(|e| format!("pu {}: {e}", pu.name))?
+        {
+            ips.insert(ip, i);
+        }
+    }
+    e.set_local_ips(ips);
+    Ok(())
+}
+
+/// Program every PU's UDP/SCTP table from `l` (each PU's table is
+/// replaced in one transaction; an error names the PUs that kept their
+/// previous table).
+pub fn datagram_tables(cfg: &Config, e: &Enforcer, l: &Loaded) -> Result<(), String> {
+    let mut errs = Vec::new();
+    for (i, pu) in cfg.pus.iter().enumerate() {
+        let (t, notes) = e.datagram_tables(l, i);
+        for n in notes {
+            eprintln!("trireme-runtime: pu {}: {n}", pu.name);
+        }
+        let elements = [&t.in4, &t.in6, &t.out4, &t.out6]
+            .iter()
+            .map(|t| t.allow.len() + t.ask.len())
+            .sum::<usize>();
+        match nft::apply(&pu.netns_path(), &t) {
+            Ok(()) => {
+                e.counters.inc("datagram_tables_applied");
+                e.counters.add("datagram_set_elements", elements as u64);
+            }
+            Err(err) => {
+                e.counters.inc("datagram_table_errors");
+                errs.push(format!("pu {}: {err}", pu.name));
+            }
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
+}
+
+/// SIGHUP: load the ruleset again, program the kernel's datagram tables
+/// from it, then put it in force for new TCP handshakes. A ruleset that
+/// cannot be loaded changes nothing; `Ok(Some(_))` says which PUs kept
+/// their previous datagram table although the ruleset is in force.
+pub fn reload(cfg: &Config, e: &Enforcer) -> Result<Option<String>, String> {
+    let l = e.prepare(load_ruleset(cfg)?)?;
+    learn_local_ips(cfg, e)?;
+    let tables = datagram_tables(cfg, e, &l);
+    e.install(l);
+    Ok(tables
+        .err()
+        .map(|err| format!("datagram tables not replaced: {err}")))
 }

@@ -1,0 +1,323 @@
+//! Our nftables table in a PU's namespace: UDP and SCTP decided by set
+//! lookups (see datagram.rs), replaced as one transaction.
+//!
+//! Why a table of our own beside the iptables-nft chains: the kernel
+//! lacks the nftables `queue` expression on machines like our CI, so the
+//! TCP handshake still goes through the xtables NFQUEUE target
+//! (firewall.rs). Datagram verdicts need no queue, so they live here,
+//! written with the `nftables` crate. The two cooperate through the
+//! conntrack mark: a flow this table allows gets the mark, and the
+//! iptables chain's first rule accepts marked flows. A cell whose verdict
+//! needs a decide plugin is accepted here unmarked, and the iptables chain
+//! queues it to userspace as before.
+//!
+//! Layout of `table inet trireme`:
+//! - sets `{in,out}{4,6}_{allow,ask}` of `addr . inet_proto . inet_service`
+//!   with intervals;
+//! - base chains `input` and `output` at priority -10 (before iptables'
+//!   filter at 0): loopback passes; a new UDP/SCTP flow whose peer,
+//!   protocol and port are in `allow` gets the conntrack mark; one in
+//!   `ask` passes on to the queue; any other new UDP/SCTP flow is dropped.
+
+use crate::datagram::{Element, Table};
+use crate::firewall::CT_MARK;
+use nftables::{
+    batch::Batch,
+    expr::{BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField},
+    schema::{self, NfListObject, SetFlag, SetType, SetTypeValue},
+    stmt::{Mangle, Match, Operator, Statement},
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::path::Path;
+use trireme_compiler::model::Protocol;
+
+pub const TABLE: &str = "trireme";
+
+/// Before iptables-nft's filter chains (priority 0).
+const PRIORITY: i32 = -10;
+
+/// A PU's datagram verdicts: ingress and egress, IPv4 and IPv6.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PuTables {
+    pub in4: Table,
+    pub in6: Table,
+    pub out4: Table,
+    pub out6: Table,
+}
+
+fn s(x: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(x.to_string()))
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+fn range(a: Expression<'static>, b: Expression<'static>) -> Expression<'static> {
+    Expression::Range(Box::new(nftables::expr::Range { range: [a, b] }))
+}
+
+fn element(e: &Element) -> Expression<'static> {
+    let addr = if e.addrs.0 == e.addrs.1 {
+        s(&e.addrs.0.to_string())
+    } else {
+        range(s(&e.addrs.0.to_string()), s(&e.addrs.1.to_string()))
+    };
+    let port = if e.ports.0 == e.ports.1 {
+        Expression::Number(e.ports.0 as u32)
+    } else {
+        range(
+            Expression::Number(e.ports.0 as u32),
+            Expression::Number(e.ports.1 as u32),
+        )
+    };
+    Expression::Named(NamedExpression::Concat(vec![
+        addr,
+        s(proto_name(e.protocol)),
+        port,
+    ]))
+}
+
+fn set(name: &str, v6: bool, elems: &[Element]) -> NfListObject<'static> {
+    let addr = if v6 {
+        SetType::Ipv6Addr
+    } else {
+        SetType::Ipv4Addr
+    };
+    NfListObject::Set(Box::new(schema::Set {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: Cow::Owned(name.to_string()),
+        set_type: SetTypeValue::Concatenated(Cow::Owned(vec![
+            addr,
+            SetType::InetProto,
+            SetType::InetService,
+        ])),
+        flags: Some(HashSet::from([SetFlag::Interval])),
+        elem: (!elems.is_empty()).then(|| Cow::Owned(elems.iter().map(element).collect())),
+        ..schema::Set::default()
+    }))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct(key: &str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(nftables::expr::CT {
+        key: Cow::Owned(key.to_string()),
+        family: None,
+        dir: None,
+    }))
+}
+
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+/// `meta l4proto { udp, sctp } ct state new`
+fn new_datagram() -> Vec<Statement<'static>> {
+    vec![
+        matches(
+            meta(MetaKey::L4proto),
+            Operator::EQ,
+            Expression::Named(NamedExpression::Set(vec![
+                nftables::expr::SetItem::Element(s("udp")),
+                nftables::expr::SetItem::Element(s("sctp")),
+            ])),
+        ),
+        matches(ct("state"), Operator::IN, s("new")),
+    ]
+}
+
+/// `<peer addr> . meta l4proto . th dport @set`
+fn lookup(v6: bool, input: bool, set: &str) -> Statement<'static> {
+    let field = if input { "saddr" } else { "daddr" };
+    let addr = Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: (if v6 { "ip6" } else { "ip" }).into(),
+            field: field.into(),
+        },
+    )));
+    let dport = Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: "th".into(),
+            field: "dport".into(),
+        },
+    )));
+    matches(
+        Expression::Named(NamedExpression::Concat(vec![
+            addr,
+            meta(MetaKey::L4proto),
+            dport,
+        ])),
+        Operator::EQ,
+        s(&format!("@{set}")),
+    )
+}
+
+/// The whole table, replacing any previous one in the same transaction.
+pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
+    let mut b = Batch::new();
+    let table = || schema::Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    };
+    // `add` first so that `delete` never fails on a fresh namespace.
+    b.add(NfListObject::Table(table()));
+    b.delete(NfListObject::Table(table()));
+    b.add(NfListObject::Table(table()));
+    let dirs = [
+        ("in", true, [&t.in4, &t.in6]),
+        ("out", false, [&t.out4, &t.out6]),
+    ];
+    for (dir, _, tables) in &dirs {
+        for (v6, tab) in [(false, tables[0]), (true, tables[1])] {
+            let fam = if v6 { 6 } else { 4 };
+            b.add(set(&format!("{dir}{fam}_allow"), v6, &tab.allow));
+            b.add(set(&format!("{dir}{fam}_ask"), v6, &tab.ask));
+        }
+    }
+    for (dir, input, _) in &dirs {
+        let chain = if *input { "input" } else { "output" };
+        b.add(NfListObject::Chain(schema::Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: chain.into(),
+            _type: Some(NfChainType::Filter),
+            hook: Some(if *input {
+                NfHook::Input
+            } else {
+                NfHook::Output
+            }),
+            prio: Some(PRIORITY),
+            policy: Some(NfChainPolicy::Accept),
+            ..schema::Chain::default()
+        }));
+        let mut rule = |expr: Vec<Statement<'static>>| {
+            b.add(NfListObject::Rule(schema::Rule {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                chain: chain.into(),
+                expr: Cow::Owned(expr),
+                ..schema::Rule::default()
+            }))
+        };
+        let lo = if *input {
+            MetaKey::Iifname
+        } else {
+            MetaKey::Oifname
+        };
+        rule(vec![
+            matches(meta(lo), Operator::EQ, s("lo")),
+            Statement::Accept(None),
+        ]);
+        let mark = Statement::Mangle(Mangle {
+            key: ct("mark"),
+            value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+                ct("mark"),
+                Expression::Number(CT_MARK),
+            ]))),
+        });
+        for fam in [4, 6] {
+            let mut r = new_datagram();
+            r.push(lookup(fam == 6, *input, &format!("{dir}{fam}_allow")));
+            r.push(mark.clone());
+            r.push(Statement::Accept(None));
+            rule(r);
+        }
+        for fam in [4, 6] {
+            let mut r = new_datagram();
+            r.push(lookup(fam == 6, *input, &format!("{dir}{fam}_ask")));
+            r.push(Statement::Accept(None));
+            rule(r);
+        }
+        let mut r = new_datagram();
+        r.push(Statement::Drop(None));
+        rule(r);
+    }
+    b.to_nftables()
+}
+
+fn nft_in(netns: &Path) -> (String, Vec<String>) {
+    (
+        "nsenter".into(),
+        vec![format!("--net={}", netns.display()), "nft".into()],
+    )
+}
+
+/// Install or atomically replace our table in the namespace at `netns`.
+pub fn apply(netns: &Path, t: &PuTables) -> Result<(), String> {
+    let (prog, args) = nft_in(netns);
+    nftables::helper::apply_ruleset_with_args(&render(t), Some(&prog), &args)
+        .map_err(|e| format!("nft in {}: {e}", netns.display()))
+}
+
+/// Remove our table (absent is fine).
+pub fn remove(netns: &Path) -> Result<(), String> {
+    let mut b = Batch::new();
+    let table = || {
+        NfListObject::Table(schema::Table {
+            family: NfFamily::INet,
+            name: TABLE.into(),
+            handle: None,
+        })
+    };
+    b.add(table());
+    b.delete(table());
+    let (prog, args) = nft_in(netns);
+    nftables::helper::apply_ruleset_with_args(&b.to_nftables(), Some(&prog), &args)
+        .map_err(|e| format!("nft in {}: {e}", netns.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datagram::Boundaries;
+
+    #[test]
+    fn renders_one_transaction_with_sets_and_fail_closed_chains() {
+        let mut b = Boundaries::new(false);
+        b.net(&"198.18.0.0/24".parse().unwrap());
+        b.ports(53, 53);
+        let in4 = b
+            .compile(|ip, p, port| {
+                if ip.to_string().starts_with("198.18.0.") && p == Protocol::Udp && port == 53 {
+                    crate::datagram::Cell::Allow
+                } else {
+                    crate::datagram::Cell::Deny
+                }
+            })
+            .unwrap();
+        let t = PuTables {
+            in4,
+            ..PuTables::default()
+        };
+        let json = serde_json::to_string(&render(&t)).unwrap();
+        assert!(
+            json.starts_with(r#"{"nftables":[{"add":{"table""#),
+            "{json}"
+        );
+        assert!(json.contains(r#"{"delete":{"table":{"family":"inet","name":"trireme"}}}"#));
+        assert!(
+            json.contains(
+                r#""elem":[{"concat":[{"range":["198.18.0.0","198.18.0.255"]},"udp",53]}]"#
+            )
+        );
+        assert!(json.contains(r#""right":"@in4_allow""#));
+        assert!(json.contains(r#"{"mangle":{"key":{"ct":{"key":"mark"}},"value":{"|":[{"ct":{"key":"mark"}},536870912]}}}"#));
+        // The last rule of each chain drops new datagram flows.
+        assert_eq!(json.matches(r#"{"drop":null}"#).count(), 2);
+    }
+}
