@@ -201,6 +201,24 @@ fn setup_latency(from: &Host, to: SocketAddr, n: usize) -> Vec<f64> {
     })
 }
 
+/// A new UDP flow each time (fresh socket, so a fresh conntrack entry that
+/// the first-packet rules must judge): one 8-byte datagram and its echo, µs.
+fn udp_new_flow_latency(from: &Host, to: SocketAddr, n: usize) -> Vec<f64> {
+    lab::in_netns(&from.path(), move || {
+        let mut v = Vec::with_capacity(n);
+        let mut buf = [0u8; 64];
+        for _ in 0..n {
+            let t = Instant::now();
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send_to(&[7u8; 8], to).unwrap();
+            s.recv_from(&mut buf).unwrap();
+            v.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        }
+        v
+    })
+}
+
 /// Completed connect+exchange per second with `threads` clients for `secs`.
 fn conn_rate(from: &Host, to: SocketAddr, threads: usize, secs: f64) -> f64 {
     let hs: Vec<_> = (0..threads)
@@ -253,6 +271,7 @@ struct Figures {
     p99: f64,
     rate: f64,
     gbps: f64,
+    udp_p50: f64,
 }
 
 fn measure(a: &Host, b: &Host) -> Figures {
@@ -263,11 +282,15 @@ fn measure(a: &Host, b: &Host) -> Figures {
     // Best of three: a 2-core machine is noisy and the kernel carries the
     // flow in every mode, so the fastest run is the fairest comparison.
     let gbps = (0..3).map(|_| bulk(a, to, 2 << 30)).fold(0.0, f64::max);
+    let udp_to = SocketAddr::new(b.ip4, 53);
+    udp_new_flow_latency(a, udp_to, 50);
+    let mut udp = udp_new_flow_latency(a, udp_to, 2000);
     Figures {
         p50: pct(&mut lat, 0.5),
         p99: pct(&mut lat, 0.99),
         rate,
         gbps,
+        udp_p50: pct(&mut udp, 0.5),
     }
 }
 
@@ -298,6 +321,7 @@ fn datapath() {
     let a = l.host("a", "198.18.1.1", "fd00::1:1");
     let b = l.host("b", "198.18.1.2", "fd00::1:2");
     lab::serve(&b, b.ip4, 80);
+    lab::serve_udp(&b, b.ip4, 53);
     let rs = l.dir.join("rs.bin");
     std::fs::write(&rs, Ruleset::new(vec![], vec![]).encode()).unwrap();
     let psk = l.write("psk.key", "QmVuY2htYXJrIGtleSBvZiB0aGlydHktdHdvIGJ5dGVz\n");
@@ -351,6 +375,14 @@ fn datapath() {
             100.0 * f.gbps / base.gbps
         );
     }
+    println!(
+        "new UDP flow, datagram + echo, p50 µs (decided by the kernel's sets): baseline {:.1}, PSK {:.1} (+{:.1}), PKI {:.1} (+{:.1})",
+        base.udp_p50,
+        with_psk.udp_p50,
+        with_psk.udp_p50 - base.udp_p50,
+        with_pki.udp_p50,
+        with_pki.udp_p50 - base.udp_p50
+    );
     println!("runtime RSS with 1 PU: {:.1} MiB", rss_one as f64 / 1024.0);
 
     // Memory serving 100 PUs (namespaces without links: the rules, queues
