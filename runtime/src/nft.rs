@@ -17,7 +17,8 @@
 //! - base chains `input` and `output` at priority -10 (before iptables'
 //!   filter at 0): loopback passes; a new UDP/SCTP flow whose peer,
 //!   protocol and port are in `allow` gets the conntrack mark; one in
-//!   `ask` passes on to the queue; any other new UDP/SCTP flow is dropped.
+//!   `ask` passes on to the queue; any other new UDP/SCTP flow is counted
+//!   and dropped.
 
 use crate::datagram::{Element, Table};
 use crate::firewall::CT_MARK;
@@ -25,7 +26,7 @@ use nftables::{
     batch::Batch,
     expr::{BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField},
     schema::{self, NfListObject, SetFlag, SetType, SetTypeValue},
-    stmt::{Mangle, Match, Operator, Statement},
+    stmt::{Counter, Mangle, Match, Operator, Statement},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 use std::borrow::Cow;
@@ -244,6 +245,7 @@ pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
             rule(r);
         }
         let mut r = new_datagram();
+        r.push(Statement::Counter(Counter::Anonymous(None)));
         r.push(Statement::Drop(None));
         rule(r);
     }
@@ -317,7 +319,7 @@ mod tests {
         );
         assert!(json.contains(r#""right":"@in4_allow""#));
         assert!(json.contains(r#"{"mangle":{"key":{"ct":{"key":"mark"}},"value":{"|":[{"ct":{"key":"mark"}},536870912]}}}"#));
-        // The last rule of each chain drops new datagram flows.
-        assert_eq!(json.matches(r#"{"drop":null}"#).count(), 2);
+        // The last rule of each chain counts and drops new datagram flows.
+        assert_eq!(json.matches(r#"{"counter":null},{"drop":null}"#).count(), 2);
     }
 }

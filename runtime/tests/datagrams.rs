@@ -150,6 +150,16 @@ fn udp_is_decided_by_kernel_sets_with_the_policy_semantics() {
         "{listing}"
     );
 
+    // ... and counted the datagrams it dropped.
+    let chain = sh_out(&dns, &["nft", "list", "chain", "inet", "trireme", "input"]);
+    let dropped: u64 = chain
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no drop counter: {chain}"));
+    assert!(dropped >= 6, "{chain}");
+
     // A policy update replaces the tables: dns now admits nobody.
     let deny = POLICIES
         .replace(
