@@ -66,7 +66,7 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool, ack: bool)
 
 fn body(v: Verdict) -> Vec<u8> {
     match v {
-        Verdict::Rewrite(p) | Verdict::Sent(p) | Verdict::Authorize(Some(p)) => p,
+        Verdict::Rewrite(p) | Verdict::Authorize(Some(p)) => p,
         other => panic!("{other:?}"),
     }
 }

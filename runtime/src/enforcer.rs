@@ -53,11 +53,6 @@ pub enum Verdict {
     Accept,
     /// Let it through rewritten (token attached or stripped).
     Rewrite(Vec<u8>),
-    /// The initiator's token ACK: let it through rewritten, and note in
-    /// conntrack that this side's egress is decided, so that the kernel
-    /// passes the initiator's own data segments without a trip here (the
-    /// flow is still authorized only when the responder answers).
-    Sent(Vec<u8>),
     /// Let it through (rewritten if given) and mark the connection: from
     /// now on the kernel carries it.
     Authorize(Option<Vec<u8>>),
@@ -866,7 +861,7 @@ impl Enforcer {
                     return Verdict::Drop("flow_state_lost");
                 };
                 let v = match packet::attach(pkt, &ack) {
-                    Ok(p) => Verdict::Sent(p),
+                    Ok(p) => Verdict::Rewrite(p),
                     Err(e) => return Verdict::Drop(e.counter()),
                 };
                 self.remember(&mut t, key, State::AckSent { synack, ack }, now_ms);

@@ -11,10 +11,7 @@
 //! in INPUT) and `TRIREME-OUT` (first in OUTPUT):
 //! 1. flows with the conntrack mark bit pass: the kernel carries them;
 //! 2. packets we authorized (nfmark bit, re-injected by NF_REPEAT) set
-//!    the conntrack mark bit and pass; on the way out, likewise the
-//!    initiator's token ACK sets the "egress decided" bit, after which the
-//!    initiator's data segments pass without a trip to userspace (inbound
-//!    packets still wait for the flow's authorization);
+//!    the conntrack mark bit and pass;
 //! 3. loopback, TCP RSTs and ICMP pass (ICMPv6 carries neighbour discovery);
 //! 4. all other TCP, and new flows of other protocols, go to NFQUEUE,
 //!    with no bypass: if no enforcer listens they are dropped (fail-closed);
@@ -28,11 +25,6 @@ use std::process::{Command, Stdio};
 pub const AUTH_MARK: u32 = 0x2000_0000;
 /// conntrack mark bit meaning "this flow is authorized".
 pub const CT_MARK: u32 = 0x2000_0000;
-/// nfmark bit on the initiator's token ACK (re-injected by NF_REPEAT).
-pub const EGRESS_MARK: u32 = 0x1000_0000;
-/// conntrack mark bit meaning "the initiator's egress is decided and its
-/// token ACK went out": its own data segments (PSH) pass in the kernel.
-pub const CT_EGRESS: u32 = 0x1000_0000;
 pub const CHAIN_IN: &str = "TRIREME-IN";
 pub const CHAIN_OUT: &str = "TRIREME-OUT";
 
@@ -77,24 +69,6 @@ pub fn render(v6: bool, o: &Options) -> String {
             &mut s,
             &format!("-m mark --mark {AUTH_MARK:#x}/{AUTH_MARK:#x} -j ACCEPT"),
         );
-        if chain == CHAIN_OUT {
-            r(
-                &mut s,
-                &format!(
-                    "-m connmark --mark {CT_EGRESS:#x}/{CT_EGRESS:#x} -p tcp --tcp-flags SYN,RST,PSH PSH -j ACCEPT"
-                ),
-            );
-            r(
-                &mut s,
-                &format!(
-                    "-m mark --mark {EGRESS_MARK:#x}/{EGRESS_MARK:#x} -j CONNMARK --set-xmark {CT_EGRESS:#x}/{CT_EGRESS:#x}"
-                ),
-            );
-            r(
-                &mut s,
-                &format!("-m mark --mark {EGRESS_MARK:#x}/{EGRESS_MARK:#x} -j ACCEPT"),
-            );
-        }
         r(&mut s, &format!("{lo} -j ACCEPT"));
         r(&mut s, "-p tcp --tcp-flags RST RST -j ACCEPT");
         r(&mut s, &format!("-p {icmp} -j ACCEPT"));
@@ -260,12 +234,6 @@ mod tests {
         assert!(r.contains("-A TRIREME-IN -p tcp -j NFQUEUE --queue-num 0\n"));
         assert!(r.trim_end().ends_with("COMMIT"));
         assert!(r.contains("-A TRIREME-OUT -j DROP"));
-        // Only the initiator's own data segments skip the queue once its
-        // token ACK is out; nothing inbound does.
-        assert!(r.contains(
-            "-A TRIREME-OUT -m connmark --mark 0x10000000/0x10000000 -p tcp --tcp-flags SYN,RST,PSH PSH -j ACCEPT\n"
-        ));
-        assert!(!r.contains("-A TRIREME-IN -m connmark --mark 0x10000000"));
         let r6 = render(
             true,
             &Options {

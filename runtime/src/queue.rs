@@ -5,7 +5,7 @@
 //! calling thread, and `recv` blocks.
 
 use crate::enforcer::{Enforcer, Hook, Verdict};
-use crate::firewall::{AUTH_MARK, EGRESS_MARK};
+use crate::firewall::AUTH_MARK;
 use nfq::{Queue, Verdict as NfVerdict};
 use std::fs::File;
 use std::path::PathBuf;
@@ -141,11 +141,6 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
             Verdict::Rewrite(p) => {
                 msg.set_payload(p);
                 msg.set_verdict(NfVerdict::Accept);
-            }
-            Verdict::Sent(p) => {
-                msg.set_payload(p);
-                msg.set_nfmark(msg.get_nfmark() | EGRESS_MARK);
-                msg.set_verdict(NfVerdict::Repeat);
             }
             Verdict::Authorize(p) => {
                 if let Some(p) = p {

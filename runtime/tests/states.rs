@@ -58,7 +58,7 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: &str, seq: u32
 
 fn rewritten(v: Verdict) -> Vec<u8> {
     match v {
-        Verdict::Rewrite(p) | Verdict::Sent(p) | Verdict::Authorize(Some(p)) => p,
+        Verdict::Rewrite(p) | Verdict::Authorize(Some(p)) => p,
         other => panic!("expected a rewritten packet, got {other:?}"),
     }
 }
@@ -88,7 +88,7 @@ fn handshake(a: &Enforcer, b: &Enforcer, p: &Hs, t: u64) -> (Verdict, Verdict) {
     assert_eq!(at_a, p.synack);
     let va = a.handle(0, Hook::Out, &p.ack, t);
     let ack = match &va {
-        Verdict::Sent(p) => p.clone(),
+        Verdict::Rewrite(p) => p.clone(),
         other => panic!("the initiator's ACK should carry the token: {other:?}"),
     };
     let vb = b.handle(0, Hook::In, &ack, t);
