@@ -44,6 +44,15 @@ type Run = (u16, u16, Cell);
 /// An address range and the non-denied port runs it shares.
 type Span = ((u128, u128), Vec<Run>);
 
+/// A PU's datagram verdicts: ingress and egress, IPv4 and IPv6.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PuTables {
+    pub in4: Table,
+    pub in6: Table,
+    pub out4: Table,
+    pub out6: Table,
+}
+
 /// The protocols decided here (TCP goes through the handshake).
 pub const PROTOCOLS: [Protocol; 2] = [Protocol::Udp, Protocol::Sctp];
 

@@ -20,9 +20,8 @@
 //! first packet of a UDP or SCTP flow, on the same evaluator.
 
 use crate::counters::Counters;
-use crate::datagram::{Boundaries, Cell};
+use crate::datagram::{Boundaries, Cell, PuTables};
 use crate::flows::{FlowKey, FlowTable};
-use crate::nft::PuTables;
 use crate::packet::{self, ACK, RST, SYN};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;

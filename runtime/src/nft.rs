@@ -20,7 +20,7 @@
 //!   `ask` passes on to the queue; any other new UDP/SCTP flow is counted
 //!   and dropped.
 
-use crate::datagram::{Element, Table};
+use crate::datagram::{Element, PuTables};
 use crate::firewall::CT_MARK;
 use nftables::{
     batch::Batch,
@@ -38,15 +38,6 @@ pub const TABLE: &str = "trireme";
 
 /// Before iptables-nft's filter chains (priority 0).
 const PRIORITY: i32 = -10;
-
-/// A PU's datagram verdicts: ingress and egress, IPv4 and IPv6.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PuTables {
-    pub in4: Table,
-    pub in6: Table,
-    pub out4: Table,
-    pub out6: Table,
-}
 
 fn s(x: &str) -> Expression<'static> {
     Expression::String(Cow::Owned(x.to_string()))
@@ -167,18 +158,27 @@ fn lookup(v6: bool, input: bool, set: &str) -> Statement<'static> {
     )
 }
 
-/// The whole table, replacing any previous one in the same transaction.
-pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
-    let mut b = Batch::new();
-    let table = || schema::Table {
+fn ours() -> NfListObject<'static> {
+    NfListObject::Table(schema::Table {
         family: NfFamily::INet,
         name: TABLE.into(),
         handle: None,
-    };
-    // `add` first so that `delete` never fails on a fresh namespace.
-    b.add(NfListObject::Table(table()));
-    b.delete(NfListObject::Table(table()));
-    b.add(NfListObject::Table(table()));
+    })
+}
+
+/// A batch that starts by deleting our table; `add` first, so that the
+/// delete never fails on a namespace that has none.
+fn without_table() -> Batch<'static> {
+    let mut b = Batch::new();
+    b.add(ours());
+    b.delete(ours());
+    b
+}
+
+/// The whole table, replacing any previous one in the same transaction.
+pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
+    let mut b = without_table();
+    b.add(ours());
     let dirs = [
         ("in", true, [&t.in4, &t.in6]),
         ("out", false, [&t.out4, &t.out6]),
@@ -268,18 +268,8 @@ pub fn apply(netns: &Path, t: &PuTables) -> Result<(), String> {
 
 /// Remove our table (absent is fine).
 pub fn remove(netns: &Path) -> Result<(), String> {
-    let mut b = Batch::new();
-    let table = || {
-        NfListObject::Table(schema::Table {
-            family: NfFamily::INet,
-            name: TABLE.into(),
-            handle: None,
-        })
-    };
-    b.add(table());
-    b.delete(table());
     let (prog, args) = nft_in(netns);
-    nftables::helper::apply_ruleset_with_args(&b.to_nftables(), Some(&prog), &args)
+    nftables::helper::apply_ruleset_with_args(&without_table().to_nftables(), Some(&prog), &args)
         .map_err(|e| format!("nft in {}: {e}", netns.display()))
 }
 

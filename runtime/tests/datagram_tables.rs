@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 use trireme_compiler::model::{Identity, NamedPort, Protocol};
 use trireme_runtime::datagram::Cell;
+use trireme_runtime::datagram::PuTables;
 use trireme_runtime::enforcer::{Enforcer, Hook, Pu, Verdict};
-use trireme_runtime::nft::PuTables;
 use trireme_tokens::handshake::{Config, Credentials, Engine};
 use trireme_tokens::keys::Psk;
 
