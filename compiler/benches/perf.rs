@@ -226,6 +226,7 @@ fn main() {
         identity: Some(&ws[i].identity),
         ip: ws[i].pod.ips.first().copied(),
         ports: &ws[i].pod.ports,
+        node: None,
     };
     // Every decision measured is a TCP connection to the database port.
     let flow = |s: usize, d: usize| Flow {

@@ -214,6 +214,7 @@ struct Resolved<'a> {
     identity: Option<std::borrow::Cow<'a, Identity>>,
     ip: Option<IpAddr>,
     ports: &'a [NamedPort],
+    node: Option<&'a Identity>,
     name: String,
 }
 
@@ -223,10 +224,12 @@ fn resolve<'a>(cluster: &'a Cluster, p: &Party) -> Result<Resolved<'a>, String> 
             let w = cluster
                 .find(name)
                 .ok_or_else(|| format!("no pod {name:?} in the snapshot"))?;
+            let e = cluster.endpoint(w);
             Resolved {
-                identity: Some(std::borrow::Cow::Borrowed(&w.identity)),
-                ip: w.pod.ips.first().copied(),
-                ports: &w.pod.ports,
+                identity: e.identity.map(std::borrow::Cow::Borrowed),
+                ip: e.ip,
+                ports: e.ports,
+                node: e.node,
                 name: w.display_name(),
             }
         }
@@ -243,6 +246,7 @@ fn resolve<'a>(cluster: &'a Cluster, p: &Party) -> Result<Resolved<'a>, String> 
                 ))),
                 ip: None,
                 ports: &[],
+                node: None,
                 name: format!("{labels:?} in {namespace}"),
             }
         }
@@ -250,6 +254,7 @@ fn resolve<'a>(cluster: &'a Cluster, p: &Party) -> Result<Resolved<'a>, String> 
             identity: None,
             ip: Some(*ip),
             ports: &[],
+            node: cluster.ip_endpoint(*ip).node,
             name: ip.to_string(),
         },
     })
@@ -349,11 +354,13 @@ pub fn run(path: &Path) -> Result<Report, String> {
                             identity: a.identity.as_deref(),
                             ip: a.ip,
                             ports: a.ports,
+                            node: a.node,
                         },
                         dst: Endpoint {
                             identity: b.identity.as_deref(),
                             ip: b.ip,
                             ports: b.ports,
+                            node: b.node,
                         },
                         port: e.port,
                         protocol: e.protocol,

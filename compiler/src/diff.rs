@@ -1,8 +1,8 @@
 //! `trireme diff`: which flows of a cluster snapshot change verdict between
 //! two policy sets. The question a reviewer asks of a pull request.
 
-use crate::cluster::{Cluster, Workload};
-use crate::eval::{Endpoint, Flow};
+use crate::cluster::Cluster;
+use crate::eval::Flow;
 use crate::explain;
 use crate::matrix;
 use crate::model::{PortMatch, Protocol};
@@ -52,14 +52,6 @@ pub fn default_ports(cluster: &Cluster, rulesets: &[&Ruleset]) -> Vec<(u16, Prot
     out.into_iter().collect()
 }
 
-fn endpoint(w: &Workload) -> Endpoint<'_> {
-    Endpoint {
-        identity: Some(&w.identity),
-        ip: w.pod.ips.first().copied(),
-        ports: &w.pod.ports,
-    }
-}
-
 /// The snapshot as a ruleset sees it: resolved by its resolver plugins
 /// (warnings to stderr, as `matrix` prints them).
 fn side(rs: &Ruleset, cluster: &Cluster) -> Result<(Cluster, Option<Plugins>), String> {
@@ -100,8 +92,8 @@ pub fn compute(
             }
             let (a, b) = (&cluster.workloads[i / n], &cluster.workloads[i % n]);
             let d = en.evaluate(&Flow {
-                src: endpoint(a),
-                dst: endpoint(b),
+                src: cluster.endpoint(a),
+                dst: cluster.endpoint(b),
                 port,
                 protocol,
             });

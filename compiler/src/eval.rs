@@ -26,6 +26,9 @@ pub struct Endpoint<'a> {
     pub ip: Option<IpAddr>,
     /// Declared container ports (used when this endpoint is the destination).
     pub ports: &'a [NamedPort],
+    /// The node's labels when this endpoint is a cluster node (its address,
+    /// or a host-networked pod on it): what `nodes` peers select.
+    pub node: Option<&'a Identity>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -297,6 +300,7 @@ impl<'r> Evaluator<'r> {
                     labels.is_some_and(|l| self.subjects.peer_matches(pi, dir, ri, k, l))
                 }
                 Peer::Cidr(block) => peer.ip.is_some_and(|ip| block.contains(&ip)),
+                Peer::Nodes(sel) => peer.node.is_some_and(|n| sel.matches(n)),
             }),
         }
     }
@@ -521,6 +525,7 @@ fn peers_match(peers: &Peers, peer: &Endpoint<'_>) -> bool {
         Peers::AnyOf(list) => list.iter().any(|p| match p {
             Peer::Identity(sel) => peer.identity.is_some_and(|id| sel.matches(id)),
             Peer::Cidr(block) => peer.ip.is_some_and(|ip| block.contains(&ip)),
+            Peer::Nodes(sel) => peer.node.is_some_and(|n| sel.matches(n)),
         }),
     }
 }

@@ -323,18 +323,10 @@ fn party<'a>(cluster: &'a Cluster, s: &str) -> Result<Party<'a>, Failed> {
     })
 }
 
-fn endpoint<'a>(p: &Party<'a>) -> Endpoint<'a> {
+fn endpoint<'a>(cluster: &'a Cluster, p: &Party<'a>) -> Endpoint<'a> {
     match p {
-        Party::Workload(w) => Endpoint {
-            identity: Some(&w.identity),
-            ip: w.pod.ips.first().copied(),
-            ports: &w.pod.ports,
-        },
-        Party::Ip(ip) => Endpoint {
-            identity: None,
-            ip: Some(*ip),
-            ports: &[],
-        },
+        Party::Workload(w) => cluster.endpoint(w),
+        Party::Ip(ip) => cluster.ip_endpoint(*ip),
     }
 }
 
@@ -441,8 +433,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failed> {
             let (src, dst) = (party(&cluster, &from)?, party(&cluster, &to)?);
             let ev = plugins::evaluator(&rs, plugins.as_ref());
             let flow = Flow {
-                src: endpoint(&src),
-                dst: endpoint(&dst),
+                src: endpoint(&cluster, &src),
+                dst: endpoint(&cluster, &dst),
                 port: port.0,
                 protocol: port.1,
             };

@@ -1,7 +1,7 @@
 //! Reachability matrix: every ordered pair of workloads, per port.
 
 use crate::cluster::Cluster;
-use crate::eval::{Endpoint, Evaluator, Flow};
+use crate::eval::{Evaluator, Flow};
 use crate::model::Protocol;
 use std::io::{self, Write};
 
@@ -12,20 +12,15 @@ pub struct Matrix {
     pub allowed: Vec<Vec<bool>>,
 }
 
-fn endpoint(w: &crate::cluster::Workload) -> Endpoint<'_> {
-    Endpoint {
-        identity: Some(&w.identity),
-        ip: w.pod.ips.first().copied(),
-        ports: &w.pod.ports,
-    }
-}
-
 pub fn compute(ev: &Evaluator<'_>, cluster: &Cluster, ports: &[(u16, Protocol)]) -> Matrix {
     let ws = &cluster.workloads;
     let n = ws.len();
     // Which policies select each workload is computed once, not per pair.
-    let applicable: Vec<_> = ws.iter().map(|w| ev.applicable(&w.identity)).collect();
-    let endpoints: Vec<_> = ws.iter().map(endpoint).collect();
+    let endpoints: Vec<_> = ws.iter().map(|w| cluster.endpoint(w)).collect();
+    let applicable: Vec<_> = endpoints
+        .iter()
+        .map(|e| e.identity.map(|id| ev.applicable(id)))
+        .collect();
     let mut allowed = Vec::with_capacity(ports.len());
     for &(port, protocol) in ports {
         let mut cells = vec![false; n * n];
@@ -38,7 +33,7 @@ pub fn compute(ev: &Evaluator<'_>, cluster: &Cluster, ports: &[(u16, Protocol)])
                     protocol,
                 };
                 cells[i * n + j] =
-                    ev.allowed_with(&flow, Some(&applicable[i]), Some(&applicable[j]));
+                    ev.allowed_with(&flow, applicable[i].as_ref(), applicable[j].as_ref());
             }
         }
         allowed.push(cells);

@@ -267,6 +267,11 @@ pub enum Peer {
     Identity(Selector),
     /// Any endpoint (workload or not) whose IP is in the block.
     Cidr(CidrBlock),
+    /// Cluster nodes whose labels match (admin tiers' `nodes` egress peers):
+    /// the node's own addresses, and host-networked pods on it. Node labels
+    /// are a separate namespace from workload labels, so a pod can never
+    /// match a node selector nor a node a pod selector.
+    Nodes(Selector),
 }
 
 impl fmt::Display for Peer {
@@ -274,6 +279,7 @@ impl fmt::Display for Peer {
         match self {
             Peer::Identity(s) => write!(f, "identities {s}"),
             Peer::Cidr(c) => write!(f, "cidr {c}"),
+            Peer::Nodes(s) => write!(f, "nodes {s}"),
         }
     }
 }
@@ -435,7 +441,7 @@ impl Policy {
                 })
                 .filter_map(|p| match p {
                     Peer::Identity(s) => Some(s),
-                    Peer::Cidr(_) => None,
+                    Peer::Cidr(_) | Peer::Nodes(_) => None,
                 }),
         )
     }

@@ -15,8 +15,9 @@ pub const MAGIC: &[u8; 8] = b"TRIREME\x00";
 /// The newest major version this build reads and writes. A ruleset is
 /// written in the oldest version that can hold it: 1.0 without plugins
 /// (byte for byte what 1.x builds wrote), 2.0 with plugins or `ask` rules,
-/// which a 1.x reader must refuse rather than silently skip.
-pub const FORMAT_MAJOR: u16 = 2;
+/// which a 1.x reader must refuse rather than silently skip, 3.0 with
+/// `nodes` peers (a peer kind older readers cannot decode).
+pub const FORMAT_MAJOR: u16 = 3;
 pub const FORMAT_MINOR: u16 = 0;
 /// The oldest major version this build reads.
 pub const FORMAT_MAJOR_MIN: u16 = 1;
@@ -93,7 +94,25 @@ impl Ruleset {
 
     /// The version this ruleset is written in (see `FORMAT_MAJOR`).
     pub fn format_version(&self) -> (u16, u16) {
-        if self.uses_plugins() { (2, 0) } else { (1, 0) }
+        if self.uses_node_peers() {
+            (3, 0)
+        } else if self.uses_plugins() {
+            (2, 0)
+        } else {
+            (1, 0)
+        }
+    }
+
+    fn uses_node_peers(&self) -> bool {
+        self.policies
+            .iter()
+            .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
+            .any(|r| match &r.peers {
+                crate::model::Peers::AnyOf(list) => list
+                    .iter()
+                    .any(|p| matches!(p, crate::model::Peer::Nodes(_))),
+                crate::model::Peers::Any => false,
+            })
     }
 
     fn uses_plugins(&self) -> bool {

@@ -53,7 +53,8 @@ pub struct SubjectIndex {
     /// matching compares integers too. `peer_start[policy * 2 + dir]`
     /// indexes `rule_peer` (one entry per rule of that direction), which
     /// indexes `peer_reqs` (one requirement range per peer; CIDR peers get
-    /// an empty range that is never consulted).
+    /// an empty range that is never consulted; so do node peers, matched on
+    /// the few node label sets directly).
     peer_start: Vec<u32>,
     rule_peer: Vec<u32>,
     peer_reqs: Vec<(u32, u32)>,
@@ -140,7 +141,7 @@ impl SubjectIndex {
                         for peer in list {
                             let range = match peer {
                                 Peer::Identity(sel) => ix.compile_reqs(&sel.requirements, None),
-                                Peer::Cidr(_) => (0, 0),
+                                Peer::Cidr(_) | Peer::Nodes(_) => (0, 0),
                             };
                             ix.peer_reqs.push(range);
                         }

@@ -110,8 +110,12 @@ fn validation_errors_point_at_the_field() {
             "allowed in egress rules only",
         ),
         (
-            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Deny\n    to: [{{nodes: {{}}}}]\n"),
-            "`nodes` peers are not supported",
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Deny\n    from: [{{nodes: {{}}}}]\n"),
+            "`nodes` peers are allowed in egress rules only",
+        ),
+        (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Deny\n    to: [{{nodes: {{matchExpressions: [{{key: kubernetes.io/os, operator: Near}}]}}}}]\n"),
+            "Near",
         ),
         (
             format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Deny\n    to: [{{networks: [10.0.0.1]}}]\n"),
@@ -169,7 +173,7 @@ fn validation_errors_point_at_the_field() {
         ),
         (
             "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: a}\n".to_string(),
-            "must have apiVersion policy.networking.k8s.io/v1alpha2",
+            "must have apiVersion policy.networking.k8s.io/v1beta1 or v1alpha2",
         ),
     ];
     for (yaml, want) in cases.iter().chain(cnp_cases) {
@@ -192,6 +196,9 @@ struct Suite {
 #[serde(deny_unknown_fields)]
 struct SuiteTest {
     name: String,
+    /// A manifest of its own (upstream tests in one file may use several).
+    #[serde(default)]
+    policies: Option<String>,
     steps: Vec<Step>,
 }
 
@@ -204,8 +211,8 @@ struct Step {
     expect: Vec<std::collections::BTreeMap<String, String>>,
 }
 
-/// Upstream's `Update`/`Patch` calls: swapping two rules, or replacing a
-/// field.
+/// Upstream's `Update`/`Patch`/`Delete` calls: swapping two rules,
+/// replacing a field, inserting into a list, or deleting an object.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "lowercase")]
 enum Update {
@@ -221,6 +228,28 @@ enum Update {
         path: Vec<serde_json::Value>,
         value: serde_json::Value,
     },
+    Insert {
+        policy: String,
+        path: Vec<serde_json::Value>,
+        index: usize,
+        value: serde_json::Value,
+    },
+    Delete {
+        policy: String,
+    },
+}
+
+fn at_path<'a>(
+    mut at: &'a mut serde_json::Value,
+    path: &[serde_json::Value],
+) -> &'a mut serde_json::Value {
+    for k in path {
+        at = match k {
+            serde_json::Value::String(s) => &mut at[s.as_str()],
+            n => &mut at[n.as_u64().unwrap() as usize],
+        };
+    }
+    at
 }
 
 fn object<'a>(docs: &'a mut [serde_json::Value], name: &str) -> &'a mut serde_json::Value {
@@ -229,7 +258,7 @@ fn object<'a>(docs: &'a mut [serde_json::Value], name: &str) -> &'a mut serde_js
         .unwrap_or_else(|| panic!("no object named {name}"))
 }
 
-fn apply(docs: &mut [serde_json::Value], u: &Update) {
+fn apply(docs: &mut Vec<serde_json::Value>, u: &Update) {
     match u {
         Update::Swap {
             policy,
@@ -247,15 +276,19 @@ fn apply(docs: &mut [serde_json::Value], u: &Update) {
             policy,
             path,
             value,
-        } => {
-            let mut at = object(docs, policy);
-            for k in path {
-                at = match k {
-                    serde_json::Value::String(s) => &mut at[s.as_str()],
-                    n => &mut at[n.as_u64().unwrap() as usize],
-                };
-            }
-            *at = value.clone();
+        } => *at_path(object(docs, policy), path) = value.clone(),
+        Update::Insert {
+            policy,
+            path,
+            index,
+            value,
+        } => at_path(object(docs, policy), path)
+            .as_array_mut()
+            .unwrap()
+            .insert(*index, value.clone()),
+        Update::Delete { policy } => {
+            object(docs, policy);
+            docs.retain(|d| d["metadata"]["name"] != policy.as_str());
         }
     }
 }
@@ -278,13 +311,15 @@ fn network_policy_api_suites_pass() {
         let suite: Suite =
             serde_saphyr::from_str(&std::fs::read_to_string(dir.join("suite.yaml")).unwrap())
                 .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let manifest: Vec<serde_json::Value> = std::fs::read_to_string(dir.join(&suite.policies))
-            .unwrap()
-            .split("\n---\n")
-            .map(|d| serde_saphyr::from_str(d).unwrap())
-            .collect();
+        let manifest = |file: &str| -> Vec<serde_json::Value> {
+            std::fs::read_to_string(dir.join(file))
+                .unwrap()
+                .split("\n---\n")
+                .map(|d| serde_saphyr::from_str(d).unwrap())
+                .collect()
+        };
         for (ti, test) in suite.tests.iter().enumerate() {
-            let mut docs = manifest.clone();
+            let mut docs = manifest(test.policies.as_deref().unwrap_or(&suite.policies));
             for (si, step) in test.steps.iter().enumerate() {
                 if let Some(u) = &step.update {
                     apply(&mut docs, u);

@@ -193,11 +193,13 @@ fn tiers_decide_in_order() {
                 identity: Some(src),
                 ip: None,
                 ports: &[],
+                node: None,
             },
             dst: Endpoint {
                 identity: Some(dst),
                 ip: None,
                 ports: &[],
+                node: None,
             },
             port: 80,
             protocol: Protocol::Tcp,
@@ -263,6 +265,7 @@ fn namespace_tier_overrides_baseline_and_pass_reaches_it() {
         identity: Some(i),
         ip: None,
         ports: &[],
+        node: None,
     };
     let f = |s, d| {
         ev.evaluate(&Flow {

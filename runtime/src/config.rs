@@ -49,6 +49,10 @@ pub struct Config {
     /// anti-spoofing; leave empty to judge such peers by ipBlock alone.
     #[serde(default)]
     pub remotes: Vec<RemoteConfig>,
+    /// Cluster nodes by address, with their labels: what the admin tiers'
+    /// `nodes` peers select. Without them such peers match nothing here.
+    #[serde(default)]
+    pub nodes: Vec<NodeConfig>,
     /// Limits and cache for the ruleset's WASM plugins.
     #[serde(default)]
     pub plugins: PluginsConfig,
@@ -95,6 +99,15 @@ pub struct RemoteConfig {
     pub namespace: String,
     #[serde(default)]
     pub namespace_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeConfig {
+    pub name: String,
+    pub ips: Vec<std::net::IpAddr>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }

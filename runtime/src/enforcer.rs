@@ -247,6 +247,8 @@ pub struct Enforcer {
     flows: Mutex<FlowTable<State>>,
     /// Identities of workloads known by IP, for peers that send no token.
     by_ip: HashMap<IpAddr, Identity>,
+    /// Node labels by node address, for `nodes` peers.
+    nodes: HashMap<IpAddr, Identity>,
     /// This node's PUs by address (read from their namespaces), so that
     /// datagrams between them are judged by their labels too.
     local_ips: RwLock<HashMap<IpAddr, usize>>,
@@ -326,11 +328,18 @@ impl Enforcer {
             pus,
             flows: Mutex::new(FlowTable::new(max_flows)),
             by_ip,
+            nodes: HashMap::new(),
             local_ips: RwLock::new(HashMap::new()),
             timeout_ms,
             counters: Counters::default(),
             host,
         })
+    }
+
+    /// The cluster's nodes (labels by address), which `nodes` peers select.
+    pub fn with_nodes(mut self, nodes: HashMap<IpAddr, Identity>) -> Self {
+        self.nodes = nodes;
+        self
     }
 
     fn load(&self, rs: Ruleset) -> Result<Loaded, String> {
@@ -433,6 +442,7 @@ impl Enforcer {
             identity: Some(&l.pus[pu].identity),
             ip: Some(local),
             ports: &me.ports,
+            node: None,
         };
         let local_pu = self.local_ips().get(&remote).copied();
         let peer = peer
@@ -442,6 +452,7 @@ impl Enforcer {
             identity: peer,
             ip: Some(remote),
             ports: local_pu.map_or(&[][..], |j| &self.pus[j].ports),
+            node: self.nodes.get(&remote),
         };
         let app = Some(&l.applicable[pu]);
         match hook {
@@ -510,7 +521,8 @@ impl Enforcer {
                     }
                 }
             }
-            for ip in self.by_ip.keys().chain(self.local_ips().keys()) {
+            let known = self.by_ip.keys().chain(self.nodes.keys());
+            for ip in known.chain(self.local_ips().keys()) {
                 b.host(*ip);
             }
             if ask {

@@ -92,6 +92,18 @@ pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
             by_ip.insert(*ip, r.identity());
         }
     }
+    let mut nodes = HashMap::new();
+    for n in &cfg.nodes {
+        let labels: trireme_compiler::model::Identity = n.labels.clone().into_iter().collect();
+        for ip in &n.ips {
+            nodes.insert(*ip, labels.clone());
+        }
+    }
+    if cfg.nodes.is_empty() && rs.format_version().0 >= 3 {
+        eprintln!(
+            "trireme-runtime: WARNING: the ruleset has `nodes` peers but the config lists no nodes: they match nothing on this node"
+        );
+    }
     let limits = Limits {
         budget: Budget::Deadline(Duration::from_millis(cfg.plugins.timeout_ms.max(1))),
         memory_bytes: cfg.plugins.memory_mib.max(1) << 20,
@@ -113,6 +125,7 @@ pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
         limits,
         cfg.plugins.cache_dir.clone(),
     )
+    .map(|e| e.with_nodes(nodes))
 }
 
 /// Program every PU namespace and start its queue workers.

@@ -3,7 +3,8 @@
 //! verdict the compiled nftables sets give equals the enforcer's verdict on
 //! the same packet. The policy mixes all three tiers (admin Pass and Deny,
 //! NetworkPolicy ipBlock with except and named ports, a baseline Deny),
-//! port ranges, configured remotes and another local PU.
+//! port ranges, configured remotes, configured nodes (`nodes` peers) and
+//! another local PU.
 
 use etherparse::PacketBuilder;
 use proptest::prelude::*;
@@ -32,6 +33,10 @@ spec:
     action: Deny
     to: [{networks: [198.18.4.0/22, "fd00:4::/64"]}]
     ports: [{portRange: {protocol: UDP, start: 100, end: 200}}]
+  - name: no-sctp-to-linux-nodes
+    action: Deny
+    to: [{nodes: {matchLabels: {kubernetes.io/os: linux}}}]
+    ports: [{portNumber: {protocol: SCTP, port: 9003}}]
   - name: allow-lab
     action: Allow
     to: [{networks: [198.18.0.0/15]}]
@@ -118,7 +123,18 @@ fn fixture() -> &'static Fixture {
             "198.18.2.6".parse().unwrap(),
             id("legacy", &[], &[("role", "bad")]),
         );
-        let e = Enforcer::new(engine, pus, rs, by_ip, 1000, 10_000).unwrap();
+        let node = |os: &str| -> Identity {
+            [("kubernetes.io/os".to_string(), os.to_string())]
+                .into_iter()
+                .collect()
+        };
+        let e = Enforcer::new(engine, pus, rs, by_ip, 1000, 10_000)
+            .unwrap()
+            .with_nodes(HashMap::from([
+                ("198.18.5.5".parse().unwrap(), node("linux")),
+                ("fd00:5::5".parse().unwrap(), node("linux")),
+                ("198.18.5.6".parse().unwrap(), node("windows")),
+            ]));
         e.set_local_ips(HashMap::from([
             ("198.18.1.53".parse().unwrap(), 0),
             ("198.18.1.10".parse().unwrap(), 1),
@@ -181,6 +197,7 @@ fn addr_strategy(v6: bool) -> BoxedStrategy<IpAddr> {
             "fd00:2::",
             "fd00:3::5",
             "fd00:4::",
+            "fd00:5::5",
             "fd00:1::10",
             "fe80::",
         ]
@@ -204,6 +221,8 @@ fn addr_strategy(v6: bool) -> BoxedStrategy<IpAddr> {
             "198.18.3.0",
             "198.18.3.5",
             "198.18.4.0",
+            "198.18.5.5",
+            "198.18.5.6",
             "198.18.8.0",
             "198.20.0.0",
         ]
@@ -275,5 +294,37 @@ fn tables_are_compact() {
             .sum();
         assert!(n < 40, "PU {pu}: {n} elements: {t:#?}");
         assert!(n > 0);
+    }
+}
+
+/// A `nodes` peer selects node addresses by the node's labels: SCTP to a
+/// Linux node is denied (in the kernel tables and in userspace), to a
+/// Windows node or a plain lab address allowed by the next rule.
+#[test]
+fn nodes_peers_select_node_addresses_by_labels() {
+    let f = fixture();
+    let local: IpAddr = "198.18.1.53".parse().unwrap();
+    for (remote, want) in [
+        ("198.18.5.5", Cell::Deny),
+        ("198.18.5.6", Cell::Allow),
+        ("198.18.5.7", Cell::Allow),
+    ] {
+        let remote: IpAddr = remote.parse().unwrap();
+        assert_eq!(
+            f.tables[0].out4.verdict(remote, Protocol::Sctp, 9003),
+            want,
+            "{remote}"
+        );
+        let v = f.e.handle(
+            0,
+            Hook::Out,
+            &packet(Hook::Out, local, remote, true, 9003),
+            0,
+        );
+        assert_eq!(
+            matches!(v, Verdict::Drop(_)),
+            want == Cell::Deny,
+            "{remote}: {v:?}"
+        );
     }
 }

@@ -229,12 +229,10 @@ impl V<'_, '_> {
             );
             return vec![];
         }
-        if p.nodes.is_some() {
-            self.key_err(
-                &at(base, &path!["nodes"]),
-                "`nodes` peers are not supported: an offline snapshot has no nodes (use networks with the node CIDRs)",
-            );
-            return vec![];
+        if let Some(n) = &p.nodes {
+            // Matched against node labels only, so no system-label prefix.
+            let sel = self.selector(n, &at(base, &path!["nodes"]), "");
+            return vec![crate::model::Peer::Nodes(sel)];
         }
         if let Some(nets) = &p.networks {
             if nets.is_empty() || nets.len() > 25 {

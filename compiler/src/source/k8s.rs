@@ -6,13 +6,13 @@
 
 use super::ObjCtx;
 use super::yaml::Seg;
-use crate::cluster::{ClusterNamespace, ClusterPod};
+use crate::cluster::{ClusterNamespace, ClusterNode, ClusterPod};
 use crate::diag::Diagnostic;
 use crate::model::*;
 use crate::names::*;
 use crate::path;
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
+use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
 };
@@ -549,6 +549,7 @@ pub(super) fn pod(ctx: &ObjCtx<'_>, p: &Pod, diags: &mut Vec<Diagnostic>) -> Opt
         }
     }
     let annotations = p.metadata.annotations.clone().unwrap_or_default();
+    let spec = p.spec.as_ref();
     Some(ClusterPod {
         namespace,
         name,
@@ -557,5 +558,42 @@ pub(super) fn pod(ctx: &ObjCtx<'_>, p: &Pod, diags: &mut Vec<Diagnostic>) -> Opt
         ports,
         annotations,
         images,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        node_name: spec.and_then(|s| s.node_name.clone()),
+    })
+}
+
+/// A Node: its labels (what `nodes` peers select) and its IP addresses
+/// (status.addresses of type InternalIP / ExternalIP; host names are not
+/// addresses a packet carries).
+pub(super) fn node(ctx: &ObjCtx<'_>, n: &Node, diags: &mut Vec<Diagnostic>) -> Option<ClusterNode> {
+    let mut v = V { ctx, diags };
+    let name = v.name(&n.metadata, "Node")?;
+    if n.metadata.namespace.is_some() {
+        v.err(
+            &path!["metadata", "namespace"],
+            "Node is cluster-scoped: remove metadata.namespace",
+        );
+    }
+    let labels = v.labels(n.metadata.labels.as_ref(), &path!["metadata", "labels"]);
+    let mut ips = Vec::new();
+    let addresses = n.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in addresses.into_iter().flatten().enumerate() {
+        if !matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
+            continue;
+        }
+        match a.address.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => v.err(
+                &path!["status", "addresses", i, "address"],
+                format!("{:?} is not a valid IP address ({})", a.address, a.type_),
+            ),
+        }
+    }
+    Some(ClusterNode {
+        name,
+        labels: labels.into_iter().collect(),
+        ips,
     })
 }

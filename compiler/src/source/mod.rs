@@ -6,10 +6,10 @@ mod admin;
 mod k8s;
 pub mod yaml;
 
-use crate::cluster::{Cluster, ClusterNamespace, ClusterPod};
+use crate::cluster::{Cluster, ClusterNamespace, ClusterNode, ClusterPod};
 use crate::diag::{Diagnostic, Diagnostics, Location};
 use crate::model::Policy;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
@@ -37,6 +37,7 @@ enum Kind {
     ClusterNetworkPolicy,
     Namespace,
     Pod,
+    Node,
     List,
 }
 
@@ -50,26 +51,28 @@ impl Kind {
             ("policy.networking.k8s.io/v1alpha1", "BaselineAdminNetworkPolicy") => {
                 Ok(Kind::BaselineAdminNetworkPolicy)
             }
-            ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy") => {
-                Ok(Kind::ClusterNetworkPolicy)
-            }
+            (
+                "policy.networking.k8s.io/v1alpha2" | "policy.networking.k8s.io/v1beta1",
+                "ClusterNetworkPolicy",
+            ) => Ok(Kind::ClusterNetworkPolicy),
             (_, "ClusterNetworkPolicy") => Err(format!(
-                "ClusterNetworkPolicy must have apiVersion policy.networking.k8s.io/v1alpha2, not {api_version:?}"
+                "ClusterNetworkPolicy must have apiVersion policy.networking.k8s.io/v1beta1 or v1alpha2, not {api_version:?}"
             )),
             (_, "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy") => Err(format!(
                 "{kind} must have apiVersion policy.networking.k8s.io/v1alpha1, not {api_version:?}"
             )),
             ("v1", "Namespace") => Ok(Kind::Namespace),
             ("v1", "Pod") => Ok(Kind::Pod),
+            ("v1", "Node") => Ok(Kind::Node),
             ("v1", "List") => Ok(Kind::List),
             (_, "NetworkPolicy") => Err(format!(
                 "NetworkPolicy must have apiVersion networking.k8s.io/v1, not {api_version:?}"
             )),
-            (_, "Namespace" | "Pod" | "List") => Err(format!(
+            (_, "Namespace" | "Pod" | "Node" | "List") => Err(format!(
                 "{kind} must have apiVersion v1, not {api_version:?}"
             )),
             _ => Err(format!(
-                "unsupported kind {kind:?} (apiVersion {api_version:?}); trireme reads NetworkPolicy (networking.k8s.io/v1), AdminNetworkPolicy and BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1), ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2), Namespace (v1), Pod (v1) and List (v1)"
+                "unsupported kind {kind:?} (apiVersion {api_version:?}); trireme reads NetworkPolicy (networking.k8s.io/v1), AdminNetworkPolicy and BaselineAdminNetworkPolicy (policy.networking.k8s.io/v1alpha1), ClusterNetworkPolicy (policy.networking.k8s.io/v1beta1 or v1alpha2), Namespace (v1), Pod (v1), Node (v1) and List (v1)"
             )),
         }
     }
@@ -81,6 +84,7 @@ enum Object {
     Cluster(Box<admin::ClusterPolicy>),
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
+    Node(Box<Node>),
 }
 
 struct ObjSeed(Kind);
@@ -104,6 +108,7 @@ impl<'de> DeserializeSeed<'de> for ObjSeed {
             ),
             Kind::Namespace => Object::Namespace(Box::new(Namespace::deserialize(d)?)),
             Kind::Pod => Object::Pod(Box::new(Pod::deserialize(d)?)),
+            Kind::Node => Object::Node(Box::new(Node::deserialize(d)?)),
             Kind::List => {
                 return Err(serde::de::Error::custom(
                     "a List cannot be nested in a List",
@@ -277,6 +282,7 @@ pub fn load_with(paths: &[PathBuf], plugins: &[String]) -> Result<Loaded, Diagno
     let mut diags = Vec::new();
     let mut namespaces: Vec<(ClusterNamespace, Location)> = Vec::new();
     let mut pods: Vec<(ClusterPod, Location)> = Vec::new();
+    let mut nodes: Vec<ClusterNode> = Vec::new();
     let mut seen: BTreeMap<(&'static str, String, String), Location> = BTreeMap::new();
     for (fi, path) in files.iter().enumerate() {
         let file: Arc<str> = Arc::from(loaded.files[fi].as_str());
@@ -390,6 +396,14 @@ pub fn load_with(paths: &[PathBuf], plugins: &[String]) -> Result<Loaded, Diagno
                         }
                         None => continue,
                     },
+                    Object::Node(n) => match k8s::node(&ctx, n, &mut diags) {
+                        Some(n) => {
+                            let name = n.name.clone();
+                            nodes.push(n);
+                            ("Node", String::new(), name, ctx.loc(&[]))
+                        }
+                        None => continue,
+                    },
                     Object::Pod(p) => match k8s::pod(&ctx, p, &mut diags) {
                         Some(p) => {
                             let key = (p.namespace.clone(), p.name.clone());
@@ -418,9 +432,10 @@ pub fn load_with(paths: &[PathBuf], plugins: &[String]) -> Result<Loaded, Diagno
     if !diags.is_empty() {
         return Err(Diagnostics(diags));
     }
-    loaded.cluster = Cluster::new(
+    loaded.cluster = Cluster::with_nodes(
         namespaces.into_iter().map(|(n, _)| n).collect(),
         pods.into_iter().map(|(p, _)| p).collect(),
+        nodes,
     );
     // Canonical order is established once, by `Ruleset::new`.
     Ok(loaded)
