@@ -114,6 +114,10 @@ fn validation_errors_point_at_the_field() {
             "`nodes` peers are allowed in egress rules only",
         ),
         (
+            format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Deny\n    to: [{{pods: {{podSelector: {{}}}}}}]\n"),
+            "F:9:17: error: AdminNetworkPolicy (v1alpha1) requires pods.namespaceSelector",
+        ),
+        (
             format!("{ANP}metadata: {{name: a}}\nspec:\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  egress:\n  - action: Deny\n    to: [{{nodes: {{matchExpressions: [{{key: kubernetes.io/os, operator: Near}}]}}}}]\n"),
             "Near",
         ),
@@ -344,7 +348,7 @@ fn network_policy_api_suites_pass() {
             }
         }
     }
-    assert!(suites >= 14, "{suites} suites");
+    assert!(suites >= 29, "{suites} suites");
     let text = trireme_test_passes(&files);
     assert!(
         text.contains(&format!("{probes} passed, 0 failed")),

@@ -60,7 +60,9 @@ pub struct Subject {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NamespacedPod {
-    pub namespace_selector: LabelSelector,
+    /// Required in v1alpha1; optional (all namespaces) in ClusterNetworkPolicy.
+    #[serde(default)]
+    pub namespace_selector: Option<LabelSelector>,
     pub pod_selector: LabelSelector,
 }
 
@@ -153,11 +155,10 @@ impl AdminKind {
 
 impl V<'_, '_> {
     fn namespaced(&mut self, sel: &NamespacedPod, base: &[Seg]) -> Selector {
-        let ns = self.selector(
-            &sel.namespace_selector,
-            &at(base, &path!["namespaceSelector"]),
-            NS_LABEL_PREFIX,
-        );
+        let ns = match &sel.namespace_selector {
+            Some(ns) => self.selector(ns, &at(base, &path!["namespaceSelector"]), NS_LABEL_PREFIX),
+            None => Selector::all(),
+        };
         let pods = self.selector(&sel.pod_selector, &at(base, &path!["podSelector"]), "");
         ns.and(pods)
     }
@@ -446,6 +447,29 @@ pub(super) fn admin_policy(
             &path!["metadata", "name"],
             "a BaselineAdminNetworkPolicy must be named \"default\" (there is one per cluster)",
         );
+    }
+    // v1alpha1 requires namespaceSelector wherever `pods` appears.
+    let pods = std::iter::once((path!["spec", "subject", "pods"].to_vec(), &p.spec.subject.pods))
+        .chain(p.spec.ingress.iter().flatten().enumerate().flat_map(|(i, r)| {
+            r.from.iter().enumerate().map(move |(k, peer)| {
+                (path!["spec", "ingress", i, "from", k, "pods"].to_vec(), &peer.pods)
+            })
+        }))
+        .chain(p.spec.egress.iter().flatten().enumerate().flat_map(|(i, r)| {
+            r.to.iter().enumerate().map(move |(k, peer)| {
+                (path!["spec", "egress", i, "to", k, "pods"].to_vec(), &peer.pods)
+            })
+        }));
+    for (at_path, pods) in pods {
+        if pods.as_ref().is_some_and(|p| p.namespace_selector.is_none()) {
+            v.err(
+                &at_path,
+                format!(
+                    "{} (v1alpha1) requires pods.namespaceSelector ({{}} selects every namespace)",
+                    kind.name()
+                ),
+            );
+        }
     }
     let subject = v.who(
         p.spec.subject.namespaces.as_ref(),
