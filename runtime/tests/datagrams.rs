@@ -3,7 +3,8 @@
 //! (`table inet trireme`), and real UDP clients and servers in network
 //! namespaces see exactly the policy's verdicts: labels of local PUs and
 //! configured remotes, ipBlock with except, named ports, port ranges, the
-//! admin tier, IPv6, a policy update, and cleanup. Needs root.
+//! admin tier, `nodes` peers on configured node addresses, IPv6, a policy
+//! update, and cleanup. Needs root.
 
 mod common;
 use common::*;
@@ -46,6 +47,19 @@ spec:
     action: Deny
     to: [{networks: [198.18.2.0/24]}]
     ports: [{portNumber: {protocol: UDP, port: 53}}]
+---
+apiVersion: policy.networking.k8s.io/v1beta1
+kind: ClusterNetworkPolicy
+metadata: {name: no-udp-to-linux-nodes}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {pods: {podSelector: {matchLabels: {role: other}}}}
+  egress:
+  - name: deny-udp-to-nodes
+    action: Deny
+    to: [{nodes: {matchLabels: {kubernetes.io/os: linux}}}]
+    protocols: [{udp: {destinationPort: {range: {start: 1, end: 65535}}}}]
 "#;
 
 fn pu(name: &str, h: &Host, role: &str, ports: &str) -> String {
@@ -75,6 +89,8 @@ fn udp_is_decided_by_kernel_sets_with_the_policy_semantics() {
     let ext = lab.host("ext", "198.18.2.30", "fd00::2:30");
     let ext2 = lab.host("ext2", "198.18.2.31", "fd00::2:31");
     let partner = lab.host("partner", "198.18.3.5", "fd00::3:5");
+    let node = lab.host("node", "198.18.4.1", "fd00::4:1");
+    serve_udp(&node, node.ip4, 54);
     for h in [&dns, &ext] {
         for port in [53, 54, 5005, 5011] {
             serve_udp(h, h.ip4, port);
@@ -85,13 +101,15 @@ fn udp_is_decided_by_kernel_sets_with_the_policy_semantics() {
     let psk = lab.write("psk.key", "VGhpcyBpcyBhIHRlc3Qga2V5IG9mIDMyIGJ5dGVzISE=\n");
     let cfg = format!(
         "node: n\nruleset: {}\nkeys: {{psk: {}}}\npus:\n{}{}{}\
-         remotes:\n- {{ips: [{}], namespace: partners, namespaceLabels: {{tier: partners}}, labels: {{role: partner}}}}\n",
+         remotes:\n- {{ips: [{}], namespace: partners, namespaceLabels: {{tier: partners}}, labels: {{role: partner}}}}\n\
+         nodes:\n- {{name: worker, ips: [{}], labels: {{kubernetes.io/os: linux}}}}\n",
         rs.display(),
         psk.display(),
         pu("dns", &dns, "dns", "{name: dns, port: 53, protocol: UDP}"),
         pu("app", &app, "app", ""),
         pu("other", &other, "other", ""),
         partner.ip4,
+        node.ip4,
     );
     lab.start("n", &cfg);
     let to = |h: &Host, port: u16| SocketAddr::new(h.ip4, port);
@@ -119,6 +137,9 @@ fn udp_is_decided_by_kernel_sets_with_the_policy_semantics() {
         udp_probe(&other, to(&ext, 54)),
         "admin deny is port 53 only"
     );
+    // A `nodes` peer: the configured node address, by its labels.
+    assert!(!udp_probe(&other, to(&node, 54)), "other -> a Linux node");
+    assert!(udp_probe(&dns, to(&node, 54)), "dns is no subject of it");
     // IPv6: labels work, the v4 ipBlock does not admit ext's v6 address.
     assert!(
         udp_probe(&app, SocketAddr::new(dns.ip6, 53)),

@@ -449,19 +449,45 @@ pub(super) fn admin_policy(
         );
     }
     // v1alpha1 requires namespaceSelector wherever `pods` appears.
-    let pods = std::iter::once((path!["spec", "subject", "pods"].to_vec(), &p.spec.subject.pods))
-        .chain(p.spec.ingress.iter().flatten().enumerate().flat_map(|(i, r)| {
-            r.from.iter().enumerate().map(move |(k, peer)| {
-                (path!["spec", "ingress", i, "from", k, "pods"].to_vec(), &peer.pods)
-            })
-        }))
-        .chain(p.spec.egress.iter().flatten().enumerate().flat_map(|(i, r)| {
-            r.to.iter().enumerate().map(move |(k, peer)| {
-                (path!["spec", "egress", i, "to", k, "pods"].to_vec(), &peer.pods)
-            })
-        }));
+    let pods = std::iter::once((
+        path!["spec", "subject", "pods"].to_vec(),
+        &p.spec.subject.pods,
+    ))
+    .chain(
+        p.spec
+            .ingress
+            .iter()
+            .flatten()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                r.from.iter().enumerate().map(move |(k, peer)| {
+                    (
+                        path!["spec", "ingress", i, "from", k, "pods"].to_vec(),
+                        &peer.pods,
+                    )
+                })
+            }),
+    )
+    .chain(
+        p.spec
+            .egress
+            .iter()
+            .flatten()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                r.to.iter().enumerate().map(move |(k, peer)| {
+                    (
+                        path!["spec", "egress", i, "to", k, "pods"].to_vec(),
+                        &peer.pods,
+                    )
+                })
+            }),
+    );
     for (at_path, pods) in pods {
-        if pods.as_ref().is_some_and(|p| p.namespace_selector.is_none()) {
+        if pods
+            .as_ref()
+            .is_some_and(|p| p.namespace_selector.is_none())
+        {
             v.err(
                 &at_path,
                 format!(
