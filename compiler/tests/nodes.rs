@@ -169,10 +169,10 @@ fn bad_nodes_are_reported_at_the_field() {
         "nodes.yaml",
         "apiVersion: v1\nkind: Node\nmetadata: {name: n1, namespace: x}\nstatus:\n  addresses:\n  - {type: InternalIP, address: 10.0.0.300}\n",
     );
-    let err = trireme_compiler::source::load(std::slice::from_ref(&p))
-        .err()
-        .expect("refused")
-        .to_string();
+    let Err(err) = trireme_compiler::source::load(std::slice::from_ref(&p)) else {
+        panic!("a bad Node was accepted");
+    };
+    let err = err.to_string();
     assert!(err.contains("Node is cluster-scoped"), "{err}");
     assert!(
         err.contains(":6:") && err.contains("\"10.0.0.300\" is not a valid IP address"),
