@@ -449,53 +449,41 @@ pub(super) fn admin_policy(
         );
     }
     // v1alpha1 requires namespaceSelector wherever `pods` appears.
-    let pods = std::iter::once((
-        path!["spec", "subject", "pods"].to_vec(),
-        &p.spec.subject.pods,
-    ))
-    .chain(
-        p.spec
-            .ingress
-            .iter()
-            .flatten()
-            .enumerate()
-            .flat_map(|(i, r)| {
-                r.from.iter().enumerate().map(move |(k, peer)| {
-                    (
-                        path!["spec", "ingress", i, "from", k, "pods"].to_vec(),
-                        &peer.pods,
-                    )
-                })
-            }),
-    )
-    .chain(
-        p.spec
-            .egress
-            .iter()
-            .flatten()
-            .enumerate()
-            .flat_map(|(i, r)| {
-                r.to.iter().enumerate().map(move |(k, peer)| {
-                    (
-                        path!["spec", "egress", i, "to", k, "pods"].to_vec(),
-                        &peer.pods,
-                    )
-                })
-            }),
-    );
-    for (at_path, pods) in pods {
-        if pods
-            .as_ref()
+    let missing = |pods: &Option<NamespacedPod>| {
+        pods.as_ref()
             .is_some_and(|p| p.namespace_selector.is_none())
-        {
-            v.err(
-                &at_path,
-                format!(
-                    "{} (v1alpha1) requires pods.namespaceSelector ({{}} selects every namespace)",
-                    kind.name()
-                ),
-            );
+    };
+    let mut bad: Vec<Vec<Seg>> = Vec::new();
+    if missing(&p.spec.subject.pods) {
+        bad.push(path!["spec", "subject", "pods"].to_vec());
+    }
+    let rule_peers: [(&str, &str, Vec<&Vec<Peer>>); 2] = [
+        (
+            "ingress",
+            "from",
+            p.spec.ingress.iter().flatten().map(|r| &r.from).collect(),
+        ),
+        (
+            "egress",
+            "to",
+            p.spec.egress.iter().flatten().map(|r| &r.to).collect(),
+        ),
+    ];
+    for (dir, key, rules) in rule_peers {
+        for (i, peers) in rules.into_iter().enumerate() {
+            for (k, _) in peers.iter().enumerate().filter(|(_, q)| missing(&q.pods)) {
+                bad.push(path!["spec", dir, i, key, k, "pods"].to_vec());
+            }
         }
+    }
+    for at_path in bad {
+        v.err(
+            &at_path,
+            format!(
+                "{} (v1alpha1) requires pods.namespaceSelector ({{}} selects every namespace)",
+                kind.name()
+            ),
+        );
     }
     let subject = v.who(
         p.spec.subject.namespaces.as_ref(),
