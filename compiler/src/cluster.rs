@@ -70,11 +70,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(namespaces: Vec<ClusterNamespace>, pods: Vec<ClusterPod>) -> Self {
-        Cluster::with_nodes(namespaces, pods, Vec::new())
-    }
-
-    pub fn with_nodes(
+    pub fn new(
         namespaces: Vec<ClusterNamespace>,
         pods: Vec<ClusterPod>,
         mut nodes: Vec<ClusterNode>,

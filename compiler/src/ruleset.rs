@@ -103,7 +103,9 @@ impl Ruleset {
         }
     }
 
-    fn uses_node_peers(&self) -> bool {
+    /// Whether any rule has a `nodes` peer (which a node can only honour
+    /// with its cluster's node addresses configured).
+    pub fn uses_node_peers(&self) -> bool {
         self.policies
             .iter()
             .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())

@@ -99,7 +99,7 @@ pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
             nodes.insert(*ip, labels.clone());
         }
     }
-    if cfg.nodes.is_empty() && rs.format_version().0 >= 3 {
+    if cfg.nodes.is_empty() && rs.uses_node_peers() {
         eprintln!(
             "trireme-runtime: WARNING: the ruleset has `nodes` peers but the config lists no nodes: they match nothing on this node"
         );

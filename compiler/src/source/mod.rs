@@ -432,7 +432,7 @@ pub fn load_with(paths: &[PathBuf], plugins: &[String]) -> Result<Loaded, Diagno
     if !diags.is_empty() {
         return Err(Diagnostics(diags));
     }
-    loaded.cluster = Cluster::with_nodes(
+    loaded.cluster = Cluster::new(
         namespaces.into_iter().map(|(n, _)| n).collect(),
         pods.into_iter().map(|(p, _)| p).collect(),
         nodes,
