@@ -176,6 +176,10 @@ fn validation_errors_point_at_the_field() {
             "unknown field `bogus`",
         ),
         (
+            format!("{CNP}metadata: {{name: a}}\nspec:\n  tier: Admin\n  priority: 1\n  subject: {{namespaces: {{}}}}\n  ingress:\n  - action: Deny\n    from: [{{namespaces: {{}}}}]\n    ports: [{{portNumber: {{protocol: TCP, port: 80}}}}]\n"),
+            "F:11:5: error: unknown field `ports` (at spec.ingress[0].ports); ClusterNetworkPolicy rules match ports with `protocols`",
+        ),
+        (
             "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: a}\n".to_string(),
             "must have apiVersion policy.networking.k8s.io/v1beta1 or v1alpha2",
         ),
@@ -348,7 +352,7 @@ fn network_policy_api_suites_pass() {
             }
         }
     }
-    assert!(suites >= 29, "{suites} suites");
+    assert!(suites >= 45, "{suites} suites");
     let text = trireme_test_passes(&files);
     assert!(
         text.contains(&format!("{probes} passed, 0 failed")),

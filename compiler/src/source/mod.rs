@@ -41,6 +41,19 @@ enum Kind {
     List,
 }
 
+/// ClusterNetworkPolicy renamed AdminNetworkPolicy's `ports` to `protocols`
+/// (and early v1alpha2 drafts still had `ports`), so a user porting a policy
+/// hits this first; saying what to write instead saves a trip to the API docs.
+fn unknown_field_hint(kind: Kind, name: &str) -> &'static str {
+    match (kind, name) {
+        (Kind::ClusterNetworkPolicy, "ports") => {
+            "; ClusterNetworkPolicy rules match ports with `protocols`, e.g. \
+             `protocols: [{tcp: {destinationPort: {number: 80}}}]`"
+        }
+        _ => "",
+    }
+}
+
 impl Kind {
     fn from(api_version: &str, kind: &str) -> Result<Kind, String> {
         match (api_version, kind) {
@@ -545,7 +558,11 @@ fn read_document(
                         line: l,
                         col: c,
                     },
-                    format!("unknown field `{name}` (at {})", yaml::path_string(&path)),
+                    format!(
+                        "unknown field `{name}` (at {}){}",
+                        yaml::path_string(&path),
+                        unknown_field_hint(kind, &name)
+                    ),
                 ));
                 bad = true;
             }
