@@ -252,6 +252,35 @@ impl<'r> Evaluator<'r> {
         }
     }
 
+    /// `f` with the peer's encoded labels, encoding a peer known only by
+    /// its token into a stack buffer (the enforcement hot path: no
+    /// allocation per decision).
+    fn with_labels<T>(
+        &self,
+        e: &Endpoint<'_>,
+        app: Option<&Applicable>,
+        f: impl FnOnce(Option<&[u32]>) -> T,
+    ) -> T {
+        match app.and_then(|a| a.1.as_deref()) {
+            Some(l) => f(Some(l)),
+            None => self.with_encoded(e.identity, f),
+        }
+    }
+
+    fn with_encoded<T>(&self, id: Option<&Identity>, f: impl FnOnce(Option<&[u32]>) -> T) -> T {
+        const INLINE: usize = 32;
+        match id {
+            None => f(None),
+            Some(id) if self.subjects.width() <= INLINE => {
+                let mut buf = [0u32; INLINE];
+                let l = &mut buf[..self.subjects.width()];
+                self.subjects.encode_into(id, l);
+                f(Some(l))
+            }
+            Some(id) => f(Some(&self.subjects.encode(id))),
+        }
+    }
+
     /// Only whether it is allowed: the same walk as `direction`, without
     /// building explanations (the enforcement hot path).
     pub fn allowed_with(
@@ -261,20 +290,39 @@ impl<'r> Evaluator<'r> {
         dst: Option<&Applicable>,
     ) -> bool {
         src.is_none_or(|a| {
-            let l = self.labels_of(&flow.dst, dst);
-            self.allowed_dir(a, Direction::Egress, &flow.dst, l.as_deref(), flow)
+            self.with_labels(&flow.dst, dst, |l| {
+                self.allowed_dir(a, Direction::Egress, &flow.dst, l, flow)
+            })
         }) && dst.is_none_or(|a| {
-            let l = self.labels_of(&flow.src, src);
-            self.allowed_dir(a, Direction::Ingress, &flow.src, l.as_deref(), flow)
+            self.with_labels(&flow.src, src, |l| {
+                self.allowed_dir(a, Direction::Ingress, &flow.src, l, flow)
+            })
         })
     }
 
     /// Whether a flow is allowed, finding applicable policies through the
     /// index (each identity is encoded once, for the lookup and the rules).
     pub fn allowed(&self, flow: &Flow<'_>) -> bool {
-        let src = flow.src.identity.map(|id| self.applicable(id));
-        let dst = flow.dst.identity.map(|id| self.applicable(id));
-        self.allowed_with(flow, src.as_ref(), dst.as_ref())
+        let (src_id, dst_id) = (flow.src.identity, flow.dst.identity);
+        self.with_encoded(src_id, |sl| {
+            self.with_encoded(dst_id, |dl| {
+                let app = |id: Option<&Identity>, l: Option<&[u32]>| {
+                    l.zip(id).map(|(l, id)| {
+                        Applicable(
+                            self.subjects.lookup_encoded(l),
+                            None,
+                            id.get(UNRESOLVED_KEY).is_some(),
+                        )
+                    })
+                };
+                let (src, dst) = (app(src_id, sl), app(dst_id, dl));
+                src.as_ref()
+                    .is_none_or(|a| self.allowed_dir(a, Direction::Egress, &flow.dst, dl, flow))
+                    && dst.as_ref().is_none_or(|a| {
+                        self.allowed_dir(a, Direction::Ingress, &flow.src, sl, flow)
+                    })
+            })
+        })
     }
 
     /// A rule of policy `pi` against a peer: ports, then peers (identity

@@ -156,12 +156,25 @@ impl SubjectIndex {
     /// cannot affect any requirement and are left out.
     pub fn encode(&self, id: &Identity) -> Encoded {
         let mut labels = vec![ABSENT; self.keys.len()];
+        self.encode_into(id, &mut labels);
+        labels
+    }
+
+    /// How many symbols an encoded identity has.
+    pub fn width(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// As `encode`, into a buffer of `width()` symbols: a node encodes each
+    /// token's peer once per decision, and a stack buffer spares it the
+    /// allocation.
+    pub fn encode_into(&self, id: &Identity, labels: &mut [u32]) {
+        labels.fill(ABSENT);
         for (k, v) in id.iter() {
             if let Some(&k) = self.keys.get(k) {
                 labels[k as usize] = self.values_ix.get(v).copied().unwrap_or(UNKNOWN);
             }
         }
-        labels
     }
 
     /// Whether peer `k` of rule `rule` (direction `dir`) of policy `policy`
