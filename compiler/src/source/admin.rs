@@ -407,16 +407,7 @@ pub(super) fn admin_policy(
     diags: &mut Vec<crate::diag::Diagnostic>,
 ) -> Option<Policy> {
     let mut v = V { ctx, diags };
-    let name = v.name(&p.metadata, kind.name())?;
-    if p.metadata.namespace.is_some() {
-        v.err(
-            &path!["metadata", "namespace"],
-            format!(
-                "{} is cluster-scoped: remove metadata.namespace",
-                kind.name()
-            ),
-        );
-    }
+    let name = v.cluster_scoped_name(&p.metadata, kind.name())?;
     let priority = match (kind, p.spec.priority) {
         (AdminKind::Admin, Some(pr)) if (0..=1000).contains(&pr) => pr as i32,
         (AdminKind::Admin, Some(pr)) => {
@@ -777,13 +768,7 @@ pub(super) fn cluster_policy(
     diags: &mut Vec<crate::diag::Diagnostic>,
 ) -> Option<Policy> {
     let mut v = V { ctx, diags };
-    let name = v.name(&p.metadata, "ClusterNetworkPolicy")?;
-    if p.metadata.namespace.is_some() {
-        v.err(
-            &path!["metadata", "namespace"],
-            "ClusterNetworkPolicy is cluster-scoped: remove metadata.namespace",
-        );
-    }
+    let name = v.cluster_scoped_name(&p.metadata, "ClusterNetworkPolicy")?;
     let tier = match p.spec.tier.as_str() {
         "Admin" => Tier::Admin,
         "Baseline" => Tier::Baseline,

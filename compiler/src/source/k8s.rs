@@ -66,6 +66,19 @@ impl V<'_, '_> {
         }
     }
 
+    /// As `name`, for a cluster-scoped kind: a namespace on it is an error
+    /// (the object would otherwise be read as if it applied there).
+    pub(super) fn cluster_scoped_name(&mut self, meta: &ObjectMeta, kind: &str) -> Option<String> {
+        let name = self.name(meta, kind)?;
+        if meta.namespace.is_some() {
+            self.err(
+                &path!["metadata", "namespace"],
+                format!("{kind} is cluster-scoped: remove metadata.namespace"),
+            );
+        }
+        Some(name)
+    }
+
     /// `default` when absent, as `kubectl apply` does.
     fn namespace_of(&mut self, meta: &ObjectMeta) -> String {
         match meta.namespace.as_deref() {
@@ -568,13 +581,7 @@ pub(super) fn pod(ctx: &ObjCtx<'_>, p: &Pod, diags: &mut Vec<Diagnostic>) -> Opt
 /// addresses a packet carries).
 pub(super) fn node(ctx: &ObjCtx<'_>, n: &Node, diags: &mut Vec<Diagnostic>) -> Option<ClusterNode> {
     let mut v = V { ctx, diags };
-    let name = v.name(&n.metadata, "Node")?;
-    if n.metadata.namespace.is_some() {
-        v.err(
-            &path!["metadata", "namespace"],
-            "Node is cluster-scoped: remove metadata.namespace",
-        );
-    }
+    let name = v.cluster_scoped_name(&n.metadata, "Node")?;
     let labels = v.labels(n.metadata.labels.as_ref(), &path!["metadata", "labels"]);
     let mut ips = Vec::new();
     let addresses = n.status.as_ref().and_then(|s| s.addresses.as_ref());
