@@ -217,17 +217,15 @@ impl<'r> Evaluator<'r> {
         dst: Option<&Applicable>,
     ) -> Decision {
         let egress = match src {
-            Some(a) => {
-                let l = self.labels_of(&flow.dst, dst);
-                self.direction(a, Direction::Egress, &flow.dst, l.as_deref(), flow)
-            }
+            Some(a) => self.with_labels(&flow.dst, dst, |l| {
+                self.direction(a, Direction::Egress, &flow.dst, l, flow)
+            }),
             None => not_a_workload(Direction::Egress),
         };
         let ingress = match dst {
-            Some(a) => {
-                let l = self.labels_of(&flow.src, src);
-                self.direction(a, Direction::Ingress, &flow.src, l.as_deref(), flow)
-            }
+            Some(a) => self.with_labels(&flow.src, src, |l| {
+                self.direction(a, Direction::Ingress, &flow.src, l, flow)
+            }),
             None => not_a_workload(Direction::Ingress),
         };
         Decision {
@@ -237,24 +235,10 @@ impl<'r> Evaluator<'r> {
         }
     }
 
-    /// A peer's encoded labels: from its precomputed `Applicable` when
-    /// there is one, else encoded now (a peer known only by its token).
-    fn labels_of<'x>(
-        &self,
-        e: &Endpoint<'_>,
-        app: Option<&'x Applicable>,
-    ) -> Option<std::borrow::Cow<'x, [u32]>> {
-        match app.and_then(|a| a.1.as_deref()) {
-            Some(l) => Some(std::borrow::Cow::Borrowed(l)),
-            None => e
-                .identity
-                .map(|id| std::borrow::Cow::Owned(self.subjects.encode(id))),
-        }
-    }
-
-    /// `f` with the peer's encoded labels, encoding a peer known only by
-    /// its token into a stack buffer (the enforcement hot path: no
-    /// allocation per decision).
+    /// `f` with the peer's encoded labels: from its precomputed
+    /// `Applicable` when there is one, else encoded now (a peer known only
+    /// by its token) into a stack buffer, so that the enforcement hot path
+    /// allocates nothing per decision.
     fn with_labels<T>(
         &self,
         e: &Endpoint<'_>,
