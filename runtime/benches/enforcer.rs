@@ -66,7 +66,7 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool, ack: bool)
 
 fn body(v: Verdict) -> Vec<u8> {
     match v {
-        Verdict::Rewrite(p) | Verdict::Authorize(Some(p)) => p,
+        Verdict::Rewrite(p) | Verdict::Authorize(Some(p)) | Verdict::Provisional(p) => p,
         other => panic!("{other:?}"),
     }
 }
@@ -294,6 +294,27 @@ fn measure(a: &Host, b: &Host) -> Figures {
     }
 }
 
+/// The handshake counters of both runtimes after a phase: how often the
+/// responder held an overtaking segment, and whether any ACK was lost.
+fn counters(l: &Lab, ia: usize, ib: usize) -> String {
+    std::thread::sleep(Duration::from_millis(600));
+    let get =
+        |i: usize| -> serde_json::Value { serde_json::from_str(&l.stats(i)).unwrap_or_default() };
+    let (a, b) = (get(ia), get(ib));
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    format!(
+        "initiator: authorized {}, revoked {}, ack_resent {}; responder: authorized {}, held {}, released {}, ack_without_token {}, dropped {}",
+        n(&a, "authorized"),
+        n(&a, "revoked"),
+        n(&a, "ack_resent"),
+        n(&b, "authorized"),
+        n(&b, "held"),
+        n(&b, "released"),
+        n(&b, "ack_without_token"),
+        n(&b, "dropped")
+    )
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -349,12 +370,14 @@ fn datapath() {
     let ia = l.start("psk-a", &cfg("node-a", &psk_keys, pu("a", &a)));
     let ib = l.start("psk-b", &cfg("node-b", &psk_keys, pu("b", &b)));
     let with_psk = measure(&a, &b);
+    let psk_counters = counters(&l, ia, ib);
     l.kill(ia);
     l.kill(ib);
     let ia = l.start("pki-a", &cfg("node-a", &pki("node-a"), pu("a", &a)));
     let ib = l.start("pki-b", &cfg("node-b", &pki("node-b"), pu("b", &b)));
     let with_pki = measure(&a, &b);
     let rss_one = rss_kib(l.runtimes[ib].pid());
+    let pki_counters = counters(&l, ia, ib);
     l.kill(ia);
     l.kill(ib);
 
@@ -384,6 +407,8 @@ fn datapath() {
         with_pki.udp_p50 - base.udp_p50
     );
     println!("runtime RSS with 1 PU: {:.1} MiB", rss_one as f64 / 1024.0);
+    println!("PSK counters: {psk_counters}");
+    println!("PKI counters: {pki_counters}");
 
     // Memory serving 100 PUs (namespaces without links: the rules, queues
     // and worker threads are what costs).

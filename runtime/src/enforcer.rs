@@ -10,11 +10,16 @@
 //! | INPUT  | SYN     | responder | verify, strip, **ingress** decision on the labels     |
 //! | OUTPUT | SYN-ACK | responder | attach the SYN-ACK token                             |
 //! | INPUT  | SYN-ACK | initiator | verify, strip, **egress** decision on the labels      |
-//! | OUTPUT | ACK     | initiator | attach the ACK token, authorize the flow             |
+//! | OUTPUT | ACK     | initiator | attach the ACK token, authorize the flow provisionally |
 //! | INPUT  | ACK     | responder | verify (once only), strip, authorize the flow        |
 //!
 //! "Authorize" sets a conntrack mark, after which the kernel carries the flow
-//! without us. A SYN without our marker comes from a peer that does not
+//! without us. The initiator's mark is provisional: its token ACK may be
+//! lost, so SYN-ACKs still come to us, and a re-sent one revokes the mark
+//! (our kernel's answer then carries the token again). Its data leaves
+//! without us and can overtake the token ACK on the way (another CPU,
+//! another backlog), so the responder holds tokenless segments of a flow
+//! awaiting its ACK until the ACK is verified, instead of dropping them. A SYN without our marker comes from a peer that does not
 //! enforce: it is judged by its IP (ipBlock rules, or the identity of a
 //! known workload at that IP). So is a SYN-ACK without the marker, and the
 //! first packet of a UDP or SCTP flow, on the same evaluator.
@@ -24,6 +29,7 @@ use crate::datagram::{Boundaries, Cell, PuTables};
 use crate::flows::{FlowKey, FlowTable};
 use crate::packet::{self, ACK, RST, SYN};
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -55,6 +61,19 @@ pub enum Verdict {
     /// Let it through (rewritten if given) and mark the connection: from
     /// now on the kernel carries it.
     Authorize(Option<Vec<u8>>),
+    /// The initiator's token ACK: let it through rewritten and mark the
+    /// connection provisionally (the kernel carries it, but SYN-ACKs still
+    /// come here, in case this ACK is lost).
+    Provisional(Vec<u8>),
+    /// A re-sent SYN-ACK at the initiator (its token ACK was lost): let it
+    /// through stripped and clear the provisional mark, so that the ACK our
+    /// kernel answers with comes here to carry the token again.
+    Revoke(Vec<u8>),
+    /// A tokenless segment of a flow whose token ACK has not been verified
+    /// yet (the initiator's data overtook it): keep it in the queue until
+    /// the flow is authorized (then accept it) or a deadline passes (then
+    /// drop it as `ack_without_token`).
+    Hold(FlowKey),
     /// Drop, counted under this name.
     Drop(&'static str),
 }
@@ -216,13 +235,15 @@ enum State {
     /// carries the same nonce, which the responder recognises).
     SynSent { st: SynSent, payload: Arc<[u8]> },
     /// Initiator: SYN-ACK verified and allowed; the ACK payload waits for
-    /// the kernel's ACK.
-    AckPending { synack: Vec<u8>, ack: Vec<u8> },
-    /// Initiator: the ACK token went out. The flow is authorized here only
-    /// when the responder's first segment arrives (proof that the ACK got
-    /// through): if the ACK is lost, the responder re-sends its SYN-ACK, our
-    /// kernel answers with another ACK, and that ACK carries the token again.
-    AckSent { synack: Vec<u8>, ack: Vec<u8> },
+    /// the kernel's ACK. `synack` is a keyed hash of the SYN-ACK token, by
+    /// which a re-sent copy is recognised (the token itself is ~400 bytes,
+    /// and this state lives for the handshake timeout).
+    AckPending { synack: u64, ack: Vec<u8> },
+    /// Initiator: the ACK token went out and the flow is provisionally
+    /// authorized. If the ACK was lost, the responder re-sends its SYN-ACK:
+    /// that revokes the mark, our kernel answers with another ACK, and that
+    /// ACK carries the token again.
+    AckSent { synack: u64, ack: Vec<u8> },
     /// Responder: SYN verified and allowed.
     SynReceived { syn: Vec<u8>, st: SynReceived },
     /// Responder: SYN-ACK sent, waiting for the ACK.
@@ -231,10 +252,10 @@ enum State {
         synack: Arc<[u8]>,
         st: AwaitAck,
     },
-    /// Authorized (either side); packets queued before the conntrack mark
-    /// took effect pass. The responder keeps the ACK token it accepted, so
-    /// that a re-sent copy of that ACK passes and any other is a replay.
-    Done { ack: Option<Vec<u8>> },
+    /// Responder: authorized; packets queued before the conntrack mark took
+    /// effect pass. It keeps the ACK token it accepted, so that a re-sent
+    /// copy of that ACK passes and any other is a replay.
+    Done { ack: Vec<u8> },
     /// Responder: this SYN was refused; its retransmissions are refused
     /// without another verification (and counted as denials, not replays).
     Denied { syn: Vec<u8> },
@@ -253,6 +274,8 @@ pub struct Enforcer {
     /// datagrams between them are judged by their labels too.
     local_ips: RwLock<HashMap<IpAddr, usize>>,
     timeout_ms: u64,
+    /// Keys the SYN-ACK hashes of `AckPending`/`AckSent`, per process.
+    synack_hash: std::hash::RandomState,
     pub counters: Counters,
     host: LazyHost,
 }
@@ -331,6 +354,7 @@ impl Enforcer {
             nodes: HashMap::new(),
             local_ips: RwLock::new(HashMap::new()),
             timeout_ms,
+            synack_hash: std::hash::RandomState::new(),
             counters: Counters::default(),
             host,
         })
@@ -573,10 +597,27 @@ impl Enforcer {
                 self.counters.inc("dropped");
                 self.counters.inc(reason);
             }
-            Verdict::Authorize(_) => self.counters.inc("authorized"),
+            Verdict::Authorize(_) | Verdict::Provisional(_) => self.counters.inc("authorized"),
+            Verdict::Revoke(_) => self.counters.inc("revoked"),
+            Verdict::Hold(_) => self.counters.inc("held"),
             _ => {}
         }
         v
+    }
+
+    /// The flow a TCP packet belongs to, as `handle` keys it (for releasing
+    /// the segments a `Hold` kept once the flow is authorized).
+    pub fn flow_key(pu: usize, hook: Hook, pkt: &[u8]) -> Option<FlowKey> {
+        let m = packet::tcp_meta(pkt).ok()?;
+        let (local, remote) = match hook {
+            Hook::In => (m.dst, m.src),
+            Hook::Out => (m.src, m.dst),
+        };
+        Some(FlowKey {
+            pu: pu as u32,
+            local,
+            remote,
+        })
     }
 
     fn decide(&self, pu: usize, hook: Hook, pkt: &[u8], now_ms: u64) -> Verdict {
@@ -819,12 +860,17 @@ impl Enforcer {
                 Verdict::Drop("egress_denied_by_ip")
             };
         };
+        let seen = self.synack_hash.hash_one(&stripped.token);
         match state {
-            State::AckPending { synack, .. } | State::AckSent { synack, .. }
-                if *synack == stripped.token =>
-            {
+            State::AckPending { synack, .. } if *synack == seen => {
                 self.counters.inc("synack_retransmitted");
                 Verdict::Rewrite(stripped.packet)
+            }
+            // Our token ACK was lost (or is late): the kernel's answer to
+            // this SYN-ACK must come back here to carry the token again.
+            State::AckSent { synack, .. } if *synack == seen => {
+                self.counters.inc("synack_retransmitted");
+                Verdict::Revoke(stripped.packet)
             }
             State::SynSent { st, .. } => {
                 let st = st.clone();
@@ -851,10 +897,7 @@ impl Enforcer {
                 self.remember(
                     &mut lock(&self.flows),
                     key,
-                    State::AckPending {
-                        synack: stripped.token,
-                        ack,
-                    },
+                    State::AckPending { synack: seen, ack },
                     now_ms,
                 );
                 self.counters.inc("egress_allowed");
@@ -872,18 +915,19 @@ impl Enforcer {
                     return Verdict::Drop("flow_state_lost");
                 };
                 let v = match packet::attach(pkt, &ack) {
-                    Ok(p) => Verdict::Rewrite(p),
+                    Ok(p) => Verdict::Provisional(p),
                     Err(e) => return Verdict::Drop(e.counter()),
                 };
                 self.remember(&mut t, key, State::AckSent { synack, ack }, now_ms);
                 v
             }
-            // A pure ACK again (our kernel answering a re-sent SYN-ACK):
-            // it carries the token again. Data segments pass as they are.
+            // A pure ACK on a revoked flow (our kernel answering a re-sent
+            // SYN-ACK): it carries the token again, and marks again. Data
+            // segments queued meanwhile pass as they are.
             Some(State::AckSent { ack, .. }) if payload_len == 0 => {
                 self.counters.inc("ack_resent");
                 match packet::attach(pkt, ack) {
-                    Ok(p) => Verdict::Rewrite(p),
+                    Ok(p) => Verdict::Provisional(p),
                     Err(e) => Verdict::Drop(e.counter()),
                 }
             }
@@ -899,7 +943,9 @@ impl Enforcer {
             Some(State::AwaitAck { st, .. }) => {
                 let stripped = match packet::strip(pkt) {
                     Ok(Some(s)) => s,
-                    Ok(None) => return Verdict::Drop("ack_without_token"),
+                    // Most likely the initiator's data, which overtook its
+                    // token ACK; a spoofer's segment expires in the hold.
+                    Ok(None) => return Verdict::Hold(key),
                     Err(e) => return Verdict::Drop(e.counter()),
                 };
                 if let Err(e) = self.engine.accept_ack(st, &stripped.token) {
@@ -909,19 +955,18 @@ impl Enforcer {
                     &mut t,
                     key,
                     State::Done {
-                        ack: Some(stripped.token),
+                        ack: stripped.token,
                     },
                     now_ms,
                 );
                 drop(t);
                 Verdict::Authorize(Some(stripped.packet))
             }
-            // Initiator: the responder's first segment proves our ACK arrived.
+            // Initiator, on a revoked flow: a segment of the responder proves
+            // that our ACK arrived after all. (The state stays, so that a
+            // late copy of the SYN-ACK is still recognised.)
             Some(State::AckSent { .. }) => match packet::strip(pkt) {
-                Ok(None) => {
-                    t.insert(key, State::Done { ack: None }, now_ms + 2_000, now_ms);
-                    Verdict::Authorize(None)
-                }
+                Ok(None) => Verdict::Authorize(None),
                 Ok(Some(_)) => Verdict::Drop("token_unexpected"),
                 Err(e) => Verdict::Drop(e.counter()),
             },
@@ -929,7 +974,7 @@ impl Enforcer {
                 Ok(None) => Verdict::Authorize(None),
                 // The initiator re-sent the ACK we accepted (its copy of our
                 // SYN-ACK was lost or late): the same bytes pass again.
-                Ok(Some(s)) if ack.as_ref() == Some(&s.token) => {
+                Ok(Some(s)) if *ack == s.token => {
                     self.counters.inc("ack_resent");
                     Verdict::Authorize(Some(s.packet))
                 }

@@ -9,13 +9,20 @@
 //!
 //! Per family, in the PU's namespace, chains `TRIREME-IN` (hooked first
 //! in INPUT) and `TRIREME-OUT` (first in OUTPUT):
-//! 1. flows with the conntrack mark bit pass: the kernel carries them;
+//! 1. flows with the conntrack mark bit pass: the kernel carries them
+//!    (inbound, only flows whose mark is not provisional: see 4);
 //! 2. packets we authorized (nfmark bit, re-injected by NF_REPEAT) set
-//!    the conntrack mark bit and pass;
-//! 3. loopback, TCP RSTs and ICMP pass (ICMPv6 carries neighbour discovery);
-//! 4. all other TCP, and new flows of other protocols, go to NFQUEUE,
+//!    the conntrack mark bit and pass; the initiator's token ACK sets the
+//!    provisional bit too;
+//! 3. inbound, a SYN-ACK we revoked (nfmark bit) clears both bits and passes;
+//! 4. inbound, a SYN-ACK on a provisionally marked flow goes to NFQUEUE
+//!    (it means our token ACK was lost); other packets of such a flow pass;
+//! 5. loopback, TCP RSTs and ICMP pass (ICMPv6 carries neighbour discovery);
+//! 6. all other TCP, and new flows of other protocols, go to NFQUEUE,
 //!    with no bypass: if no enforcer listens they are dropped (fail-closed);
-//! 5. everything else (replies to flows we did not authorize) is dropped.
+//! 7. everything else (replies to flows we did not authorize) is dropped.
+//!
+//! Rules 2 and 3 come before 4 because NF_REPEAT runs the chain again.
 
 use std::io::Write;
 use std::path::Path;
@@ -25,6 +32,13 @@ use std::process::{Command, Stdio};
 pub const AUTH_MARK: u32 = 0x2000_0000;
 /// conntrack mark bit meaning "this flow is authorized".
 pub const CT_MARK: u32 = 0x2000_0000;
+/// nfmark bit on the initiator's token ACK: authorize provisionally.
+pub const PROVISIONAL_MARK: u32 = 0x1000_0000;
+/// conntrack mark bit meaning "authorized by our token ACK, which may have
+/// been lost": SYN-ACKs of the flow still go to the queue.
+pub const CT_PROVISIONAL: u32 = 0x1000_0000;
+/// nfmark bit on a re-sent SYN-ACK at the initiator: clear both bits.
+pub const REVOKE_MARK: u32 = 0x0800_0000;
 pub const CHAIN_IN: &str = "TRIREME-IN";
 pub const CHAIN_OUT: &str = "TRIREME-OUT";
 
@@ -52,12 +66,15 @@ pub fn render(v6: bool, o: &Options) -> String {
     };
     let bypass = if o.fail_open { " --queue-bypass" } else { "" };
     let icmp = if v6 { "ipv6-icmp" } else { "icmp" };
+    let both = CT_MARK | CT_PROVISIONAL;
     for (chain, lo) in [(CHAIN_IN, "-i lo"), (CHAIN_OUT, "-o lo")] {
         let r = |s: &mut String, rule: &str| *s += &format!("-A {chain} {rule}\n");
+        let inbound = chain == CHAIN_IN;
         // Authorized flows first: almost every packet stops at this rule.
+        let fast_mask = if inbound { both } else { CT_MARK };
         r(
             &mut s,
-            &format!("-m connmark --mark {CT_MARK:#x}/{CT_MARK:#x} -j ACCEPT"),
+            &format!("-m connmark --mark {CT_MARK:#x}/{fast_mask:#x} -j ACCEPT"),
         );
         r(
             &mut s,
@@ -65,10 +82,38 @@ pub fn render(v6: bool, o: &Options) -> String {
                 "-m mark --mark {AUTH_MARK:#x}/{AUTH_MARK:#x} -j CONNMARK --set-xmark {CT_MARK:#x}/{CT_MARK:#x}"
             ),
         );
+        if !inbound {
+            r(
+                &mut s,
+                &format!(
+                    "-m mark --mark {PROVISIONAL_MARK:#x}/{PROVISIONAL_MARK:#x} -j CONNMARK --set-xmark {both:#x}/{both:#x}"
+                ),
+            );
+        }
         r(
             &mut s,
             &format!("-m mark --mark {AUTH_MARK:#x}/{AUTH_MARK:#x} -j ACCEPT"),
         );
+        if inbound {
+            r(
+                &mut s,
+                &format!(
+                    "-m mark --mark {REVOKE_MARK:#x}/{REVOKE_MARK:#x} -j CONNMARK --set-xmark 0x0/{both:#x}"
+                ),
+            );
+            r(
+                &mut s,
+                &format!("-m mark --mark {REVOKE_MARK:#x}/{REVOKE_MARK:#x} -j ACCEPT"),
+            );
+            r(
+                &mut s,
+                &format!("-p tcp --tcp-flags SYN,ACK SYN,ACK -j {queue}{bypass}"),
+            );
+            r(
+                &mut s,
+                &format!("-m connmark --mark {CT_MARK:#x}/{CT_MARK:#x} -j ACCEPT"),
+            );
+        }
         r(&mut s, &format!("{lo} -j ACCEPT"));
         r(&mut s, "-p tcp --tcp-flags RST RST -j ACCEPT");
         r(&mut s, &format!("-p {icmp} -j ACCEPT"));
@@ -234,6 +279,30 @@ mod tests {
         assert!(r.contains("-A TRIREME-IN -p tcp -j NFQUEUE --queue-num 0\n"));
         assert!(r.trim_end().ends_with("COMMIT"));
         assert!(r.contains("-A TRIREME-OUT -j DROP"));
+        // Inbound, provisionally marked flows skip the fast path so that a
+        // re-sent SYN-ACK reaches the queue; the revoke rules come first,
+        // since NF_REPEAT runs the chain again.
+        let lines: Vec<&str> = r.lines().collect();
+        let at = |rule: &str| {
+            lines
+                .iter()
+                .position(|l| *l == rule)
+                .unwrap_or_else(|| panic!("missing {rule}\n{r}"))
+        };
+        assert_eq!(
+            at("-A TRIREME-IN -m connmark --mark 0x20000000/0x30000000 -j ACCEPT"),
+            3
+        );
+        let revoke = at("-A TRIREME-IN -m mark --mark 0x8000000/0x8000000 -j ACCEPT");
+        let synack =
+            at("-A TRIREME-IN -p tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num 0");
+        let provisional = at("-A TRIREME-IN -m connmark --mark 0x20000000/0x20000000 -j ACCEPT");
+        assert!(revoke < synack && synack < provisional);
+        at("-A TRIREME-OUT -m connmark --mark 0x20000000/0x20000000 -j ACCEPT");
+        at(
+            "-A TRIREME-OUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --set-xmark 0x30000000/0x30000000",
+        );
+        assert!(!r.contains("-A TRIREME-OUT -m mark --mark 0x8000000"));
         let r6 = render(
             true,
             &Options {

@@ -92,12 +92,17 @@ fn run(config: PathBuf) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let _workers = node::start(&cfg, &e, &stop)?;
     log(format!(
-        "node {}: enforcing {} PUs with ruleset sha256:{} ({} queue(s) each, fail-{})",
+        "node {}: enforcing {} PUs with ruleset sha256:{} ({} queue(s) each, fail-{}{})",
         cfg.node,
         cfg.pus.len(),
         e.policy().hash,
         cfg.queues,
-        if cfg.fail_open { "open" } else { "closed" }
+        if cfg.fail_open { "open" } else { "closed" },
+        if cfg.cpus.is_empty() {
+            String::new()
+        } else {
+            format!(", queue threads on CPUs {:?}", cfg.cpus)
+        }
     ));
     if let Some(p) = cfg.stats.clone() {
         let e = e.clone();

@@ -151,6 +151,7 @@ pub fn start(
                 queue: q,
                 max_len: 4096,
                 spin_us: cfg.spin_micros,
+                cpus: cfg.cpus.clone(),
             };
             handles.push(queue::spawn(w, enforcer.clone(), stop.clone())?);
         }

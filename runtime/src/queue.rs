@@ -5,13 +5,31 @@
 //! calling thread, and `recv` blocks.
 
 use crate::enforcer::{Enforcer, Hook, Verdict};
-use crate::firewall::AUTH_MARK;
+use crate::firewall::{AUTH_MARK, PROVISIONAL_MARK, REVOKE_MARK};
+use crate::flows::FlowKey;
 use nfq::{Queue, Verdict as NfVerdict};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+
+/// How long a held segment waits for its flow's token ACK. The ACK it
+/// overtook follows within microseconds; a lost one is re-sent after the
+/// responder's SYN-ACK timer (1 s), and the initiator re-sends its data too.
+const HOLD: std::time::Duration = std::time::Duration::from_millis(1000);
+/// Held segments per queue at most; beyond, a new one is dropped.
+const HOLD_MAX: usize = 256;
+/// How often a queue with held segments looks at their deadlines.
+const HOLD_POLL: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// A segment kept without a verdict until its flow is authorized.
+struct Held {
+    key: FlowKey,
+    msg: nfq::Message,
+    deadline: std::time::Instant,
+}
 
 /// Netfilter hook numbers (uapi netfilter.h).
 const NF_INET_LOCAL_IN: u8 = 1;
@@ -27,6 +45,8 @@ pub struct Worker {
     /// handshake usually follows within tens of µs, and waking a sleeping
     /// thread (on a VM, an idle vCPU) costs more than that.
     pub spin_us: u64,
+    /// CPUs this worker may run on (empty: any).
+    pub cpus: Vec<usize>,
 }
 
 fn now_ms() -> u64 {
@@ -72,6 +92,15 @@ fn open(w: &Worker) -> Result<Queue, String> {
     let ctx = |what: &str, e: &dyn std::fmt::Display| {
         format!("queue {} in {}: {what}: {e}", w.queue, w.netns.display())
     };
+    if !w.cpus.is_empty() {
+        let mut set = nix::sched::CpuSet::new();
+        for c in &w.cpus {
+            set.set(*c).map_err(|e| ctx(&format!("cpu {c}"), &e))?;
+        }
+        // This thread only (pid 0): the runtime's other threads stay free.
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+            .map_err(|e| ctx(&format!("cpus {:?}", w.cpus), &e))?;
+    }
     let f = File::open(&w.netns).map_err(|e| ctx("open netns", &e))?;
     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| ctx("setns", &e))?;
     let mut q = Queue::open().map_err(|e| ctx("open", &e))?;
@@ -106,12 +135,75 @@ fn recv(
     q.recv()
 }
 
+/// The next message, or `None` once `deadline` passes (the socket has no
+/// receive timeout in nfq 0.2, so this polls; it only runs while a segment
+/// is held, which is rare and short).
+fn recv_until(
+    q: &mut Queue,
+    deadline: std::time::Instant,
+) -> std::io::Result<Option<nfq::Message>> {
+    q.set_nonblocking(true);
+    let r = loop {
+        match q.recv() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    break Ok(None);
+                }
+                std::thread::sleep(HOLD_POLL);
+            }
+            other => break other.map(Some),
+        }
+    };
+    q.set_nonblocking(false);
+    r
+}
+
+fn verdict(q: &mut Queue, msg: nfq::Message, enforcer: &Enforcer) {
+    if q.verdict(msg).is_err() {
+        enforcer.counters.inc("queue_verdict_errors");
+    }
+}
+
+/// Drop held segments whose flow was not authorized in time.
+fn expire(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
+    let now = std::time::Instant::now();
+    while held.front().is_some_and(|h| h.deadline <= now) {
+        let Some(mut h) = held.pop_front() else { break };
+        h.msg.set_verdict(NfVerdict::Drop);
+        verdict(q, h.msg, enforcer);
+        enforcer.counters.inc("dropped");
+        enforcer.counters.inc("ack_without_token");
+    }
+}
+
+/// Accept, in arrival order, the held segments of a flow just authorized.
+fn release(q: &mut Queue, held: &mut VecDeque<Held>, key: FlowKey, enforcer: &Enforcer) {
+    let mut i = 0;
+    while i < held.len() {
+        if held[i].key == key {
+            let Some(mut h) = held.remove(i) else { break };
+            h.msg.set_verdict(NfVerdict::Accept);
+            verdict(q, h.msg, enforcer);
+            enforcer.counters.inc("released");
+        } else {
+            i += 1;
+        }
+    }
+}
+
 fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
     let spin = std::time::Duration::from_micros(w.spin_us);
     let mut last = std::time::Instant::now();
+    let mut held: VecDeque<Held> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
-        let mut msg = match recv(q, last, spin) {
-            Ok(m) => m,
+        expire(q, &mut held, enforcer);
+        let next = match held.front() {
+            Some(h) => recv_until(q, h.deadline),
+            None => recv(q, last, spin).map(Some),
+        };
+        let mut msg = match next {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 enforcer.counters.inc("queue_recv_errors");
@@ -136,6 +228,11 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
         };
         let v = enforcer.handle(w.pu, hook, msg.get_payload(), now_ms());
         last = std::time::Instant::now();
+        // Only computed when something is held: the common path pays nothing.
+        let authorized = match (&v, held.is_empty()) {
+            (Verdict::Authorize(_), false) => Enforcer::flow_key(w.pu, hook, msg.get_payload()),
+            _ => None,
+        };
         match v {
             Verdict::Accept => msg.set_verdict(NfVerdict::Accept),
             Verdict::Rewrite(p) => {
@@ -151,10 +248,35 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
                 msg.set_nfmark(msg.get_nfmark() | AUTH_MARK);
                 msg.set_verdict(NfVerdict::Repeat);
             }
+            Verdict::Provisional(p) => {
+                msg.set_payload(p);
+                msg.set_nfmark(msg.get_nfmark() | AUTH_MARK | PROVISIONAL_MARK);
+                msg.set_verdict(NfVerdict::Repeat);
+            }
+            Verdict::Revoke(p) => {
+                msg.set_payload(p);
+                msg.set_nfmark(msg.get_nfmark() | REVOKE_MARK);
+                msg.set_verdict(NfVerdict::Repeat);
+            }
+            Verdict::Hold(key) => {
+                if held.len() < HOLD_MAX {
+                    held.push_back(Held {
+                        key,
+                        msg,
+                        deadline: last + HOLD,
+                    });
+                    continue;
+                }
+                enforcer.counters.inc("dropped");
+                enforcer.counters.inc("hold_full");
+                msg.set_verdict(NfVerdict::Drop);
+            }
             Verdict::Drop(_) => msg.set_verdict(NfVerdict::Drop),
         }
-        if q.verdict(msg).is_err() {
-            enforcer.counters.inc("queue_verdict_errors");
+        verdict(q, msg, enforcer);
+        // After the ACK's own verdict, which re-injected it first.
+        if let Some(key) = authorized {
+            release(q, &mut held, key, enforcer);
         }
     }
 }

@@ -412,6 +412,136 @@ fn a_lost_token_ack_is_recovered() {
     ]);
     let got = fetch(&t.fe, at(&t.be, 80), 4096, Duration::from_secs(5));
     assert_eq!(got.as_deref(), Some(expected_sha256(4096).as_str()));
+    // The re-sent SYN-ACK revoked the client's provisional mark, so its
+    // kernel's answer came back to the runtime for the token.
+    assert!(t.lab.counter(0, "revoked") >= 1, "{}", t.lab.stats(0));
     assert!(t.lab.counter(0, "ack_resent") >= 1, "{}", t.lab.stats(0));
+    // Meanwhile the server held the client's tokenless request.
+    assert!(t.lab.counter(1, "held") >= 1, "{}", t.lab.stats(1));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The client's request overtakes its token ACK (here forced: a test
+/// queue in the server's namespace delays every token ACK by 50 ms before
+/// the server's runtime sees it). The server's runtime holds the tokenless
+/// request until the ACK is verified, then lets it through: no drop, no
+/// retransmission timeout.
+#[test]
+fn data_that_overtakes_the_token_ack_is_held_then_released() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trover{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = psk(&dir, "psk.key", 4);
+    let t = beer("o", &k, &k);
+    serve(&t.be, t.be.ip4, 80);
+    // Pure ACKs longer than 100 bytes carry a token (as above).
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &t.be.ns,
+        "iptables",
+        "-t",
+        "mangle",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--tcp-flags",
+        "SYN,ACK,FIN,RST,PSH",
+        "ACK",
+        "-m",
+        "length",
+        "--length",
+        "100:400",
+        "-j",
+        "NFQUEUE",
+        "--queue-num",
+        "9",
+    ]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let delayed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let delayer = {
+        let (path, stop, delayed) = (t.be.path(), stop.clone(), delayed.clone());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut q = nfq::Queue::open().unwrap();
+            q.bind(9).unwrap();
+            q.set_nonblocking(true);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match q.recv() {
+                    Ok(mut m) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        m.set_verdict(nfq::Verdict::Accept);
+                        q.verdict(m).unwrap();
+                        delayed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        })
+    };
+    for _ in 0..3 {
+        let got = fetch(&t.fe, at(&t.be, 80), 4096, Duration::from_secs(5));
+        assert_eq!(got.as_deref(), Some(expected_sha256(4096).as_str()));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    delayer.join().unwrap();
+    assert!(delayed.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+    let stats = t.lab.stats(1);
+    assert!(t.lab.counter(1, "held") >= 3, "{stats}");
+    assert!(t.lab.counter(1, "released") >= 3, "{stats}");
+    assert_eq!(t.lab.counter(1, "ack_without_token"), 0, "{stats}");
+    // The client never needed a second ACK.
+    assert_eq!(t.lab.counter(0, "ack_resent"), 0, "{}", t.lab.stats(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `cpus` pins the queue threads, and only them, to the CPUs given.
+#[test]
+fn queue_threads_are_pinned_to_the_configured_cpus() {
+    if skip() {
+        return;
+    }
+    let mut lab = lab("c");
+    let h = lab.host("h", "198.18.1.60", "fd00::1:60");
+    let rs = lab.compile("rs.bin", POLICIES);
+    let k = psk(&lab.dir, "psk.key", 5);
+    let i = lab.start(
+        "c",
+        &format!(
+            "node: node-c\nruleset: {}\nkeys: {k}\ncpus: [0]\nqueues: 2\npus:\n{}",
+            rs.display(),
+            pu("h", &h, "web")
+        ),
+    );
+    let task = std::path::PathBuf::from(format!("/proc/{}/task", lab.runtimes[i].pid()));
+    let multi = std::thread::available_parallelism().map_or(1, |n| n.get()) > 1;
+    let mut pinned = 0;
+    for t in std::fs::read_dir(&task).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if comm.starts_with("nfq-") {
+            assert_eq!(allowed, "0", "{comm}");
+            pinned += 1;
+        } else if multi {
+            assert_ne!(allowed, "0", "{comm} should not be pinned");
+        }
+    }
+    assert_eq!(pinned, 2, "one thread per queue");
+    assert!(
+        lab.log(i).contains("queue threads on CPUs [0]"),
+        "{}",
+        lab.log(i)
+    );
 }

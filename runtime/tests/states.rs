@@ -58,7 +58,10 @@ fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: &str, seq: u32
 
 fn rewritten(v: Verdict) -> Vec<u8> {
     match v {
-        Verdict::Rewrite(p) | Verdict::Authorize(Some(p)) => p,
+        Verdict::Rewrite(p)
+        | Verdict::Authorize(Some(p))
+        | Verdict::Provisional(p)
+        | Verdict::Revoke(p) => p,
         other => panic!("expected a rewritten packet, got {other:?}"),
     }
 }
@@ -88,8 +91,8 @@ fn handshake(a: &Enforcer, b: &Enforcer, p: &Hs, t: u64) -> (Verdict, Verdict) {
     assert_eq!(at_a, p.synack);
     let va = a.handle(0, Hook::Out, &p.ack, t);
     let ack = match &va {
-        Verdict::Rewrite(p) => p.clone(),
-        other => panic!("the initiator's ACK should carry the token: {other:?}"),
+        Verdict::Provisional(p) => p.clone(),
+        other => panic!("the initiator's ACK should carry the token and mark: {other:?}"),
     };
     let vb = b.handle(0, Hook::In, &ack, t);
     (va, vb)
@@ -102,11 +105,7 @@ fn full_handshake_authorizes_both_sides_and_restores_packets() {
     let (_, vb) = handshake(&a, &b, &p, NOW);
     assert_eq!(vb, Verdict::Authorize(Some(p.ack.clone())));
     assert_eq!(b.counters.get("authorized"), 1);
-    // The initiator authorizes on the responder's first segment, the proof
-    // that its ACK arrived; until then its own data passes unmarked.
-    assert_eq!(a.counters.get("authorized"), 0);
-    let reply = tcp(B, 80, A, 40000, "A", 8);
-    assert_eq!(a.handle(0, Hook::In, &reply, NOW), Verdict::Authorize(None));
+    // The initiator's token ACK marks its side, provisionally.
     assert_eq!(a.counters.get("authorized"), 1);
     // A segment queued behind the ACK before the mark took effect passes.
     let data = tcp(A, 40000, B, 80, "A", 2);
@@ -152,8 +151,10 @@ fn a_lost_ack_is_recovered_not_stalled() {
     rewritten(b.handle(0, Hook::In, &syn, NOW));
     let synack = rewritten(b.handle(0, Hook::Out, &p.synack, NOW));
     rewritten(a.handle(0, Hook::In, &synack, NOW));
-    let _lost = rewritten(a.handle(0, Hook::Out, &p.ack, NOW));
-    // The client's first data reaches the server without a token: refused.
+    let lost = a.handle(0, Hook::Out, &p.ack, NOW);
+    assert!(matches!(lost, Verdict::Provisional(_)), "{lost:?}");
+    // The client's first data reaches the server without a token: held
+    // (it might have overtaken the ACK), not accepted.
     let mut data = Vec::new();
     etherparse::PacketBuilder::ipv4(A, B, 64)
         .tcp(40010, 80, 2, 64240)
@@ -162,16 +163,22 @@ fn a_lost_ack_is_recovered_not_stalled() {
         .write(&mut data, b"hello")
         .unwrap();
     assert_eq!(a.handle(0, Hook::Out, &data, NOW), Verdict::Accept);
-    assert_eq!(
-        b.handle(0, Hook::In, &data, NOW),
-        Verdict::Drop("ack_without_token")
-    );
-    // The server re-sends its SYN-ACK; the client's kernel answers with an
-    // ACK, which carries the token again; the server completes.
+    let key = Enforcer::flow_key(0, Hook::In, &data).unwrap();
+    assert_eq!(b.handle(0, Hook::In, &data, NOW), Verdict::Hold(key));
+    assert_eq!(key.local.port(), 80);
+    // The server re-sends its SYN-ACK: it revokes the client's provisional
+    // mark; the client's kernel answers with an ACK, which carries the
+    // token again and marks again; the server completes.
     let synack2 = rewritten(b.handle(0, Hook::Out, &p.synack, NOW + 1000));
     assert_eq!(synack, synack2);
-    rewritten(a.handle(0, Hook::In, &synack2, NOW + 1000));
-    let ack2 = rewritten(a.handle(0, Hook::Out, &p.ack, NOW + 1000));
+    let revoked = a.handle(0, Hook::In, &synack2, NOW + 1000);
+    assert_eq!(revoked, Verdict::Revoke(p.synack.clone()));
+    assert_eq!(a.counters.get("revoked"), 1);
+    let ack2 = a.handle(0, Hook::Out, &p.ack, NOW + 1000);
+    let ack2 = match ack2 {
+        Verdict::Provisional(p) => p,
+        other => panic!("{other:?}"),
+    };
     assert!(matches!(
         b.handle(0, Hook::In, &ack2, NOW + 1000),
         Verdict::Authorize(Some(_))
@@ -181,7 +188,9 @@ fn a_lost_ack_is_recovered_not_stalled() {
         b.handle(0, Hook::In, &ack2, NOW + 1001),
         Verdict::Authorize(Some(_))
     ));
-    // The server's reply authorizes the client side.
+    // Data the client queued while revoked passes; the server's reply (which
+    // reaches the queue only while the flow is revoked) authorizes it again.
+    assert_eq!(a.handle(0, Hook::Out, &data, NOW + 1001), Verdict::Accept);
     let reply = tcp(B, 80, A, 40010, "A", 8);
     assert_eq!(
         a.handle(0, Hook::In, &reply, NOW + 1002),
@@ -247,7 +256,7 @@ fn simultaneous_open_never_authorizes_without_verification() {
 }
 
 #[test]
-fn unauthorized_segments_and_tokenless_acks_are_dropped() {
+fn unauthorized_segments_are_dropped_and_tokenless_acks_held() {
     let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
     let p = packets(40004);
     assert_eq!(
@@ -257,11 +266,14 @@ fn unauthorized_segments_and_tokenless_acks_are_dropped() {
     let syn = rewritten(a.handle(0, Hook::Out, &p.syn, NOW));
     rewritten(b.handle(0, Hook::In, &syn, NOW));
     rewritten(b.handle(0, Hook::Out, &p.synack, NOW));
-    // An ACK without our token (a spoofer, or a peer that lost its state).
-    assert_eq!(
+    // An ACK without our token (a spoofer, or the initiator's data that
+    // overtook its token ACK) is held, never accepted: the queue accepts it
+    // only once the flow is authorized, and drops it at a deadline.
+    assert!(matches!(
         b.handle(0, Hook::In, &p.ack, NOW),
-        Verdict::Drop("ack_without_token")
-    );
+        Verdict::Hold(_)
+    ));
+    assert_eq!(b.counters.get("authorized"), 0);
 }
 
 #[test]
