@@ -373,6 +373,14 @@ fn datapath() {
     let psk_counters = counters(&l, ia, ib);
     l.kill(ia);
     l.kill(ib);
+    // The same with both runtimes' queue threads pinned to the last CPU.
+    let last = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+    let pinned = |p: String| format!("cpus: [{last}]\n{p}");
+    let ia = l.start("pin-a", &pinned(cfg("node-a", &psk_keys, pu("a", &a))));
+    let ib = l.start("pin-b", &pinned(cfg("node-b", &psk_keys, pu("b", &b))));
+    let with_pin = measure(&a, &b);
+    l.kill(ia);
+    l.kill(ib);
     let ia = l.start("pki-a", &cfg("node-a", &pki("node-a"), pu("a", &a)));
     let ib = l.start("pki-b", &cfg("node-b", &pki("node-b"), pu("b", &b)));
     let with_pki = measure(&a, &b);
@@ -386,9 +394,14 @@ fn datapath() {
         "{:9} {:>12} {:>12} {:>13} {:>15} {:>15}",
         "", "setup p50 µs", "setup p99 µs", "overhead p50", "conn/s", "Gbit/s"
     );
-    for (name, f) in [("baseline", &base), ("PSK", &with_psk), ("PKI", &with_pki)] {
+    for (name, f) in [
+        ("baseline", &base),
+        ("PSK", &with_psk),
+        ("PKI", &with_pki),
+        ("PSK, cpus", &with_pin),
+    ] {
         println!(
-            "{name:9} {:12.1} {:12.1} {:13.1} {:8.0} ({:3.0}%) {:8.2} ({:3.0}%)",
+            "{name:10} {:11.1} {:12.1} {:13.1} {:8.0} ({:3.0}%) {:8.2} ({:3.0}%)",
             f.p50,
             f.p99,
             f.p50 - base.p50,
@@ -407,6 +420,7 @@ fn datapath() {
         with_pki.udp_p50 - base.udp_p50
     );
     println!("runtime RSS with 1 PU: {:.1} MiB", rss_one as f64 / 1024.0);
+    println!("PSK, cpus: both runtimes' queue threads pinned to CPU {last} (`cpus: [{last}]`)");
     println!("PSK counters: {psk_counters}");
     println!("PKI counters: {pki_counters}");
 
