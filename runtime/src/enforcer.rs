@@ -276,6 +276,8 @@ pub struct Enforcer {
     timeout_ms: u64,
     /// Keys the SYN-ACK hashes of `AckPending`/`AckSent`, per process.
     synack_hash: std::hash::RandomState,
+    /// Segments the queue workers hold without a verdict, node-wide.
+    held: std::sync::atomic::AtomicUsize,
     pub counters: Counters,
     host: LazyHost,
 }
@@ -355,6 +357,7 @@ impl Enforcer {
             local_ips: RwLock::new(HashMap::new()),
             timeout_ms,
             synack_hash: std::hash::RandomState::new(),
+            held: std::sync::atomic::AtomicUsize::new(0),
             counters: Counters::default(),
             host,
         })
@@ -603,6 +606,26 @@ impl Enforcer {
             _ => {}
         }
         v
+    }
+
+    /// Segments held node-wide at most (each keeps a ~72 KiB receive buffer
+    /// of its queue alive, so this bounds their memory to ~18 MiB).
+    pub const HOLD_MAX: usize = 256;
+
+    /// Reserve a place for one held segment; false when the node is full.
+    pub fn try_hold(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.held
+            .fetch_update(Relaxed, Relaxed, |n| (n < Self::HOLD_MAX).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// A held segment got its verdict.
+    pub fn unhold(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self
+            .held
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
     }
 
     /// The flow a TCP packet belongs to, as `handle` keys it (for releasing

@@ -19,8 +19,10 @@ use std::sync::mpsc;
 /// overtook follows within microseconds; a lost one is re-sent after the
 /// responder's SYN-ACK timer (1 s), and the initiator re-sends its data too.
 const HOLD: std::time::Duration = std::time::Duration::from_millis(1000);
-/// Held segments per queue at most; beyond, a new one is dropped.
-const HOLD_MAX: usize = 256;
+/// Held segments per queue at most; beyond, a new one is dropped. (The
+/// node as a whole holds at most `Enforcer::HOLD_MAX`: a held message
+/// keeps its receive buffer, about 72 KiB, alive.)
+const HOLD_MAX: usize = 32;
 /// How often a queue with held segments looks at their deadlines.
 const HOLD_POLL: std::time::Duration = std::time::Duration::from_micros(200);
 
@@ -171,6 +173,7 @@ fn expire(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
         let Some(mut h) = held.pop_front() else { break };
         h.msg.set_verdict(NfVerdict::Drop);
         verdict(q, h.msg, enforcer);
+        enforcer.unhold();
         enforcer.counters.inc("dropped");
         enforcer.counters.inc("ack_without_token");
     }
@@ -184,6 +187,7 @@ fn release(q: &mut Queue, held: &mut VecDeque<Held>, key: FlowKey, enforcer: &En
             let Some(mut h) = held.remove(i) else { break };
             h.msg.set_verdict(NfVerdict::Accept);
             verdict(q, h.msg, enforcer);
+            enforcer.unhold();
             enforcer.counters.inc("released");
         } else {
             i += 1;
@@ -259,7 +263,7 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
                 msg.set_verdict(NfVerdict::Repeat);
             }
             Verdict::Hold(key) => {
-                if held.len() < HOLD_MAX {
+                if held.len() < HOLD_MAX && enforcer.try_hold() {
                     held.push_back(Held {
                         key,
                         msg,

@@ -309,3 +309,14 @@ proptest! {
         let _ = a.handle(7, hook, &bytes, NOW);
     }
 }
+
+#[test]
+fn holding_is_bounded_node_wide() {
+    let b = node("node-b", "server", 64);
+    for _ in 0..Enforcer::HOLD_MAX {
+        assert!(b.try_hold());
+    }
+    assert!(!b.try_hold(), "the node holds at most HOLD_MAX segments");
+    b.unhold();
+    assert!(b.try_hold());
+}
