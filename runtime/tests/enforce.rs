@@ -364,6 +364,33 @@ fn replayed_and_tampered_syns_never_reach_the_server() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Add a PREROUTING rule in `table` of `h`'s namespace for token ACKs:
+/// pure ACKs (no SYN/FIN/RST/PSH) longer than 100 bytes carry a token.
+fn on_token_acks(h: &Host, table: &str, then: &[&str]) {
+    let mut args = vec![
+        "ip",
+        "netns",
+        "exec",
+        &h.ns,
+        "iptables",
+        "-t",
+        table,
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--tcp-flags",
+        "SYN,ACK,FIN,RST,PSH",
+        "ACK",
+        "-m",
+        "length",
+        "--length",
+        "100:400",
+    ];
+    args.extend_from_slice(then);
+    sh(&args);
+}
+
 /// The initiator's token-carrying ACK is lost once (a raw-table rule in
 /// the server's namespace drops the first one): the server re-sends its
 /// SYN-ACK, the client's kernel answers with another ACK that carries the
@@ -378,38 +405,23 @@ fn a_lost_token_ack_is_recovered() {
     let k = psk(&dir, "psk.key", 3);
     let t = beer("l", &k, &k);
     serve(&t.be, t.be.ip4, 80);
-    // Pure ACKs (no SYN/FIN/RST/PSH) longer than 100 bytes carry a token;
-    // drop every other one, starting with the first.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &t.be.ns,
-        "iptables",
-        "-t",
+    // Drop every other token ACK, starting with the first.
+    on_token_acks(
+        &t.be,
         "raw",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "--tcp-flags",
-        "SYN,ACK,FIN,RST,PSH",
-        "ACK",
-        "-m",
-        "length",
-        "--length",
-        "100:400",
-        "-m",
-        "statistic",
-        "--mode",
-        "nth",
-        "--every",
-        "2",
-        "--packet",
-        "0",
-        "-j",
-        "DROP",
-    ]);
+        &[
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "2",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ],
+    );
     let got = fetch(&t.fe, at(&t.be, 80), 4096, Duration::from_secs(5));
     assert_eq!(got.as_deref(), Some(expected_sha256(4096).as_str()));
     // The re-sent SYN-ACK revoked the client's provisional mark, so its
@@ -436,31 +448,7 @@ fn data_that_overtakes_the_token_ack_is_held_then_released() {
     let k = psk(&dir, "psk.key", 4);
     let t = beer("o", &k, &k);
     serve(&t.be, t.be.ip4, 80);
-    // Pure ACKs longer than 100 bytes carry a token (as above).
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &t.be.ns,
-        "iptables",
-        "-t",
-        "mangle",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "--tcp-flags",
-        "SYN,ACK,FIN,RST,PSH",
-        "ACK",
-        "-m",
-        "length",
-        "--length",
-        "100:400",
-        "-j",
-        "NFQUEUE",
-        "--queue-num",
-        "9",
-    ]);
+    on_token_acks(&t.be, "mangle", &["-j", "NFQUEUE", "--queue-num", "9"]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let delayed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let delayer = {
