@@ -304,6 +304,19 @@ impl LazyHost {
     }
 }
 
+/// A TCP packet's flow as seen from PU `pu`: its own address first.
+fn key_of(pu: usize, hook: Hook, m: &packet::TcpMeta) -> FlowKey {
+    let (local, remote) = match hook {
+        Hook::In => (m.dst, m.src),
+        Hook::Out => (m.src, m.dst),
+    };
+    FlowKey {
+        pu: pu as u32,
+        local,
+        remote,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -602,7 +615,6 @@ impl Enforcer {
             }
             Verdict::Authorize(_) | Verdict::Provisional(_) => self.counters.inc("authorized"),
             Verdict::Revoke(_) => self.counters.inc("revoked"),
-            Verdict::Hold(_) => self.counters.inc("held"),
             _ => {}
         }
         v
@@ -631,16 +643,7 @@ impl Enforcer {
     /// The flow a TCP packet belongs to, as `handle` keys it (for releasing
     /// the segments a `Hold` kept once the flow is authorized).
     pub fn flow_key(pu: usize, hook: Hook, pkt: &[u8]) -> Option<FlowKey> {
-        let m = packet::tcp_meta(pkt).ok()?;
-        let (local, remote) = match hook {
-            Hook::In => (m.dst, m.src),
-            Hook::Out => (m.src, m.dst),
-        };
-        Some(FlowKey {
-            pu: pu as u32,
-            local,
-            remote,
-        })
+        packet::tcp_meta(pkt).ok().map(|m| key_of(pu, hook, &m))
     }
 
     fn decide(&self, pu: usize, hook: Hook, pkt: &[u8], now_ms: u64) -> Verdict {
@@ -652,15 +655,7 @@ impl Enforcer {
             Err(packet::PacketError::NotTcp) => return self.other(pu, hook, pkt),
             Err(e) => return Verdict::Drop(e.counter()),
         };
-        let (local, remote) = match hook {
-            Hook::In => (m.dst, m.src),
-            Hook::Out => (m.src, m.dst),
-        };
-        let key = FlowKey {
-            pu: pu as u32,
-            local,
-            remote,
-        };
+        let key = key_of(pu, hook, &m);
         let now_s = now_ms / 1000;
         let syn = m.flags & SYN != 0;
         let ack = m.flags & ACK != 0;

@@ -264,6 +264,7 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
             }
             Verdict::Hold(key) => {
                 if held.len() < HOLD_MAX && enforcer.try_hold() {
+                    enforcer.counters.inc("held");
                     held.push_back(Held {
                         key,
                         msg,
