@@ -10,6 +10,23 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use trireme_compiler::model::{Identity, NamedPort, Protocol};
 
+/// See `Config::fanout`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fanout {
+    #[default]
+    Cpu,
+    Flow,
+}
+
+/// One NFQUEUE of a PU: its number and the CPUs its thread may run on
+/// (empty: any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePlan {
+    pub queue: u16,
+    pub cpus: Vec<usize>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Config {
@@ -25,14 +42,20 @@ pub struct Config {
     /// logged at start.
     #[serde(default)]
     pub fail_open: bool,
-    /// NFQUEUE queues per PU namespace; flows are spread over them by hash.
-    #[serde(default = "one")]
-    pub queues: u16,
+    /// How a PU's handshake packets are spread over its queues: `cpu` (the
+    /// default) gives each PU one queue per CPU, served by a thread pinned
+    /// to that CPU, so that a packet wakes a thread on the CPU it arrived
+    /// on; `flow` spreads flows over `queues` queues by hash.
+    #[serde(default)]
+    pub fanout: Fanout,
+    /// `fanout: flow` only: NFQUEUE queues per PU namespace (default 1).
+    #[serde(default)]
+    pub queues: Option<u16>,
     /// Busy-poll a queue this many µs after each packet before sleeping
     /// (lower handshake latency for some CPU; 0 disables).
     #[serde(default = "default_spin")]
     pub spin_micros: u64,
-    /// Pin the queue threads to these CPUs (empty: the scheduler places
+    /// `fanout: flow` only: pin the queue threads to these CPUs (empty: the scheduler places
     /// them). On a VM, waking a thread on another, idle vCPU costs tens of
     /// µs per handshake packet; keeping the threads on a CPU of their own
     /// (as one pins a dataplane with its NIC's interrupts) avoids it.
@@ -186,9 +209,22 @@ pub struct PortConfig {
 fn default_audience() -> String {
     "trireme".into()
 }
-fn one() -> u16 {
-    1
+/// Highest online CPU id + 1 (`/sys/devices/system/cpu/online`, e.g.
+/// "0-3,6"): the kernel's queue choice is `cpu % queues`, so ids, not a
+/// count of CPUs, are what matter.
+fn online_cpus() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| {
+            s.trim()
+                .split(',')
+                .filter_map(|r| r.rsplit('-').next()?.parse::<usize>().ok())
+                .max()
+        })
+        .map(|m| m + 1)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
+
 fn default_spin() -> u64 {
     0
 }
@@ -251,6 +287,36 @@ impl Config {
         }
     }
 
+    /// Every PU's queues. With `fanout: cpu`, queue `c` is the one the
+    /// kernel picks for packets handled on CPU `c`, so there is one per
+    /// online CPU id, and its thread is pinned to CPU `c` when the runtime
+    /// may run there (a container's cpuset may forbid it: that queue's
+    /// thread then runs on the CPUs allowed).
+    pub fn queue_plan(&self) -> Vec<QueuePlan> {
+        match self.fanout {
+            Fanout::Flow => (0..self.queues.unwrap_or(1))
+                .map(|queue| QueuePlan {
+                    queue,
+                    cpus: self.cpus.clone(),
+                })
+                .collect(),
+            Fanout::Cpu => {
+                let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
+                let may = |c: usize| allowed.is_none_or(|a| a.is_set(c).unwrap_or(false));
+                (0..online_cpus().min(64) as u16)
+                    .map(|queue| QueuePlan {
+                        queue,
+                        cpus: if may(queue as usize) {
+                            vec![queue as usize]
+                        } else {
+                            vec![]
+                        },
+                    })
+                    .collect()
+            }
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         match (&self.keys.psk, &self.keys.pki) {
             (Some(_), Some(_)) => return Err("keys: give either psk or pki, not both".into()),
@@ -259,8 +325,20 @@ impl Config {
             }
             _ => {}
         }
-        if self.queues == 0 || self.queues > 64 {
-            return Err(format!("queues: {} is not in 1..=64", self.queues));
+        match (self.fanout, self.queues) {
+            (Fanout::Cpu, Some(_)) => {
+                return Err(
+                    "queues: only with `fanout: flow` (`fanout: cpu` makes one queue per CPU)"
+                        .into(),
+                );
+            }
+            (Fanout::Cpu, None) if !self.cpus.is_empty() => {
+                return Err("cpus: only with `fanout: flow` (`fanout: cpu` pins each queue's thread to its own CPU)".into());
+            }
+            (Fanout::Flow, Some(q)) if q == 0 || q > 64 => {
+                return Err(format!("queues: {q} is not in 1..=64"));
+            }
+            _ => {}
         }
         if self.max_flows < 16 {
             return Err("maxFlows: at least 16".into());
@@ -360,13 +438,43 @@ mod tests {
     const BASE: &str = "node: n\nruleset: rs.bin\nkeys: {psk: k}\n";
 
     #[test]
-    fn queue_threads_can_be_pinned() {
-        let c = load(&format!("{BASE}cpus: [0, 1]\n")).unwrap();
-        assert_eq!(c.cpus, vec![0, 1]);
-        assert!(load(BASE).unwrap().cpus.is_empty(), "unpinned by default");
-        let e = load(&format!("{BASE}cpus: [100000]\n")).unwrap_err();
+    fn one_queue_per_cpu_by_default() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.fanout, Fanout::Cpu);
+        let plan = c.queue_plan();
+        assert_eq!(plan.len(), online_cpus().min(64));
+        for (i, q) in plan.iter().enumerate() {
+            assert_eq!(q.queue as usize, i);
+            assert_eq!(q.cpus, vec![i], "each queue's thread on its own CPU");
+        }
+        let e = load(&format!("{BASE}queues: 2\n")).unwrap_err();
+        assert!(e.msg.contains("queues: only with `fanout: flow`"), "{e}");
+        let e = load(&format!("{BASE}cpus: [0]\n")).unwrap_err();
+        assert!(e.msg.contains("cpus: only with `fanout: flow`"), "{e}");
+        let e = load(&format!("{BASE}fanout: cpus\n")).unwrap_err();
+        assert!(e.msg.contains("fanout"), "{e}");
+    }
+
+    #[test]
+    fn flow_fanout_queues_can_be_pinned() {
+        let flow = format!("{BASE}fanout: flow\n");
+        let c = load(&flow).unwrap();
+        assert_eq!(
+            c.queue_plan(),
+            vec![QueuePlan {
+                queue: 0,
+                cpus: vec![]
+            }],
+            "one unpinned queue"
+        );
+        let c = load(&format!("{flow}cpus: [0, 1]\nqueues: 2\n")).unwrap();
+        assert_eq!(c.queue_plan().len(), 2);
+        assert!(c.queue_plan().iter().all(|q| q.cpus == vec![0, 1]));
+        let e = load(&format!("{flow}cpus: [100000]\n")).unwrap_err();
         assert!(e.msg.contains("cpus: 100000 is not a CPU number"), "{e}");
-        let e = load(&format!("{BASE}cpus: [-1]\n")).unwrap_err();
+        let e = load(&format!("{flow}cpus: [-1]\n")).unwrap_err();
         assert!(e.msg.contains("cpus"), "{e}");
+        let e = load(&format!("{flow}queues: 0\n")).unwrap_err();
+        assert!(e.msg.contains("queues: 0 is not in 1..=64"), "{e}");
     }
 }

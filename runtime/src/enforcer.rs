@@ -646,6 +646,16 @@ impl Enforcer {
         packet::tcp_meta(pkt).ok().map(|m| key_of(pu, hook, &m))
     }
 
+    /// Whether the responder has authorized this flow: segments held on one
+    /// queue are released by another queue's verdict on the token ACK (with
+    /// CPU fanout, a flow's packets meet different queues).
+    pub fn authorized(&self, key: &FlowKey, now_ms: u64) -> bool {
+        matches!(
+            lock(&self.flows).get_mut(key, now_ms),
+            Some(State::Done { .. })
+        )
+    }
+
     fn decide(&self, pu: usize, hook: Hook, pkt: &[u8], now_ms: u64) -> Verdict {
         if pu >= self.pus.len() {
             return Verdict::Drop("unknown_pu");
@@ -951,6 +961,15 @@ impl Enforcer {
             }
             Some(State::AckSent { .. }) => Verdict::Accept,
             Some(State::Done { .. }) => Verdict::Authorize(None),
+            // Responder: our kernel answered the SYN we passed with a bare
+            // ACK, not a SYN-ACK: it still holds an older connection on this
+            // tuple (the peer restarted and reused the port, or a pod reused
+            // the address). The ACK lets the peer's kernel reset that stale
+            // connection; the peer's next SYN then opens a new one.
+            Some(State::SynReceived { .. }) if payload_len == 0 => {
+                self.counters.inc("stale_connection_ack");
+                Verdict::Accept
+            }
             _ => Verdict::Drop("unauthorized_flow"),
         }
     }
@@ -988,6 +1007,13 @@ impl Enforcer {
                 Ok(Some(_)) => Verdict::Drop("token_unexpected"),
                 Err(e) => Verdict::Drop(e.counter()),
             },
+            // Initiator: the other half of the case above. A segment without
+            // SYN cannot open anything in SYN_SENT: our kernel answers it
+            // with a reset, which clears the peer's stale connection.
+            Some(State::SynSent { .. }) => {
+                self.counters.inc("stale_connection_ack");
+                Verdict::Accept
+            }
             Some(State::Done { ack }) => match packet::strip(pkt) {
                 Ok(None) => Verdict::Authorize(None),
                 // The initiator re-sent the ACK we accepted (its copy of our

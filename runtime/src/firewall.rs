@@ -10,7 +10,10 @@
 //! Per family, in the PU's namespace, chains `TRIREME-IN` (hooked first
 //! in INPUT) and `TRIREME-OUT` (first in OUTPUT):
 //! 1. flows with the conntrack mark bit pass: the kernel carries them
-//!    (inbound, only flows whose mark is not provisional: see 4);
+//!    (inbound, only flows whose mark is not provisional: see 4, and only
+//!    segments without our marker option: a token that arrives on a
+//!    marked flow goes to NFQUEUE, after rules 2 and 3, to be stripped or
+//!    refused, never delivered as payload);
 //! 2. packets we authorized (nfmark bit, re-injected by NF_REPEAT) set
 //!    the conntrack mark bit and pass; the initiator's token ACK sets the
 //!    provisional bit too;
@@ -24,6 +27,7 @@
 //!
 //! Rules 2 and 3 come before 4 because NF_REPEAT runs the chain again.
 
+use crate::packet::OPTION_KIND;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -47,6 +51,8 @@ pub struct Options {
     /// First NFQUEUE number; `queues` consecutive numbers are used.
     pub queue: u16,
     pub queues: u16,
+    /// Pick the queue by the CPU that handles the packet, not by flow hash.
+    pub cpu_fanout: bool,
     /// NFQUEUE bypass: accept when nobody listens. Unsafe, explicit.
     pub fail_open: bool,
 }
@@ -57,9 +63,14 @@ pub fn render(v6: bool, o: &Options) -> String {
     s += &format!(":{CHAIN_IN} - [0:0]\n:{CHAIN_OUT} - [0:0]\n");
     let queue = if o.queues > 1 {
         format!(
-            "NFQUEUE --queue-balance {}:{}",
+            "NFQUEUE --queue-balance {}:{}{}",
             o.queue,
-            o.queue + o.queues - 1
+            o.queue + o.queues - 1,
+            if o.cpu_fanout {
+                " --queue-cpu-fanout"
+            } else {
+                ""
+            }
         )
     } else {
         format!("NFQUEUE --queue-num {}", o.queue)
@@ -71,11 +82,21 @@ pub fn render(v6: bool, o: &Options) -> String {
         let r = |s: &mut String, rule: &str| *s += &format!("-A {chain} {rule}\n");
         let inbound = chain == CHAIN_IN;
         // Authorized flows first: almost every packet stops at this rule.
+        // Inbound, a segment carrying our marker option never takes it: a
+        // token that arrives after the mark (the initiator's data that
+        // took the token on another queue, an ACK re-sent after a lost
+        // one) would reach the application as payload.
         let fast_mask = if inbound { both } else { CT_MARK };
-        r(
-            &mut s,
-            &format!("-m connmark --mark {CT_MARK:#x}/{fast_mask:#x} -j ACCEPT"),
-        );
+        let fast = format!("-m connmark --mark {CT_MARK:#x}/{fast_mask:#x} -j ACCEPT");
+        if inbound {
+            r(
+                &mut s,
+                &format!("-p tcp -m tcp ! --tcp-option {OPTION_KIND} {fast}"),
+            );
+            r(&mut s, &format!("! -p tcp {fast}"));
+        } else {
+            r(&mut s, &fast);
+        }
         r(
             &mut s,
             &format!(
@@ -104,6 +125,10 @@ pub fn render(v6: bool, o: &Options) -> String {
             r(
                 &mut s,
                 &format!("-m mark --mark {REVOKE_MARK:#x}/{REVOKE_MARK:#x} -j ACCEPT"),
+            );
+            r(
+                &mut s,
+                &format!("-p tcp -m tcp --tcp-option {OPTION_KIND} -j {queue}{bypass}"),
             );
             r(
                 &mut s,
@@ -272,6 +297,7 @@ mod tests {
         let o = Options {
             queue: 0,
             queues: 1,
+            cpu_fanout: false,
             fail_open: false,
         };
         let r = render(false, &o);
@@ -290,14 +316,23 @@ mod tests {
                 .unwrap_or_else(|| panic!("missing {rule}\n{r}"))
         };
         assert_eq!(
-            at("-A TRIREME-IN -m connmark --mark 0x20000000/0x30000000 -j ACCEPT"),
+            at(
+                "-A TRIREME-IN -p tcp -m tcp ! --tcp-option 253 -m connmark --mark 0x20000000/0x30000000 -j ACCEPT"
+            ),
             3
         );
+        assert_eq!(
+            at("-A TRIREME-IN ! -p tcp -m connmark --mark 0x20000000/0x30000000 -j ACCEPT"),
+            4
+        );
         let revoke = at("-A TRIREME-IN -m mark --mark 0x8000000/0x8000000 -j ACCEPT");
+        // A token on a marked flow still reaches the queue (to be stripped
+        // or refused), after the re-injection rules.
+        let token = at("-A TRIREME-IN -p tcp -m tcp --tcp-option 253 -j NFQUEUE --queue-num 0");
         let synack =
             at("-A TRIREME-IN -p tcp --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num 0");
         let provisional = at("-A TRIREME-IN -m connmark --mark 0x20000000/0x20000000 -j ACCEPT");
-        assert!(revoke < synack && synack < provisional);
+        assert!(revoke < token && token < synack && synack < provisional);
         at("-A TRIREME-OUT -m connmark --mark 0x20000000/0x20000000 -j ACCEPT");
         at(
             "-A TRIREME-OUT -m mark --mark 0x10000000/0x10000000 -j CONNMARK --set-xmark 0x30000000/0x30000000",
@@ -312,6 +347,15 @@ mod tests {
             },
         );
         assert!(r6.contains("--queue-balance 0:3 --queue-bypass"));
+        let cpu = render(
+            false,
+            &Options {
+                queues: 2,
+                cpu_fanout: true,
+                ..o
+            },
+        );
+        assert!(cpu.contains("-p tcp -j NFQUEUE --queue-balance 0:1 --queue-cpu-fanout\n"));
         assert!(r6.contains("ipv6-icmp"));
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use trireme_runtime::config::Config;
+use trireme_runtime::config::{Config, Fanout};
 use trireme_runtime::{enforcer::Enforcer, firewall, nft, node};
 
 #[derive(Parser)]
@@ -92,17 +92,17 @@ fn run(config: PathBuf) -> Result<(), String> {
     let stop = Arc::new(AtomicBool::new(false));
     let _workers = node::start(&cfg, &e, &stop)?;
     log(format!(
-        "node {}: enforcing {} PUs with ruleset sha256:{} ({} queue(s) each, fail-{}{})",
+        "node {}: enforcing {} PUs with ruleset sha256:{} ({} queue(s) each, {}, fail-{})",
         cfg.node,
         cfg.pus.len(),
         e.policy().hash,
-        cfg.queues,
+        cfg.queue_plan().len(),
+        match cfg.fanout {
+            Fanout::Cpu => "one per CPU, each thread on its CPU".to_string(),
+            Fanout::Flow if cfg.cpus.is_empty() => "flows spread by hash".to_string(),
+            Fanout::Flow => format!("flows spread by hash, threads on CPUs {:?}", cfg.cpus),
+        },
         if cfg.fail_open { "open" } else { "closed" },
-        if cfg.cpus.is_empty() {
-            String::new()
-        } else {
-            format!(", queue threads on CPUs {:?}", cfg.cpus)
-        }
     ));
     if let Some(p) = cfg.stats.clone() {
         let e = e.clone();

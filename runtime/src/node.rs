@@ -2,7 +2,7 @@
 //! identities, ruleset → evaluator; then the namespaces are programmed and
 //! the queue workers started.
 
-use crate::config::Config;
+use crate::config::{Config, Fanout};
 use crate::enforcer::{Enforcer, Loaded, Pu};
 use crate::firewall;
 use crate::nft;
@@ -134,9 +134,11 @@ pub fn start(
     enforcer: &Arc<Enforcer>,
     stop: &Arc<AtomicBool>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, String> {
+    let plan = cfg.queue_plan();
     let opts = firewall::Options {
         queue: 0,
-        queues: cfg.queues,
+        queues: plan.len() as u16,
+        cpu_fanout: cfg.fanout == Fanout::Cpu,
         fail_open: cfg.fail_open,
     };
     let mut handles = Vec::new();
@@ -144,14 +146,14 @@ pub fn start(
         let netns = pu.netns_path();
         // Queues first: rules that queue to nobody would drop every new
         // connection of the PU until the workers are up.
-        for q in 0..cfg.queues {
+        for q in &plan {
             let w = queue::Worker {
                 pu: i,
                 netns: netns.clone(),
-                queue: q,
+                queue: q.queue,
                 max_len: 4096,
                 spin_us: cfg.spin_micros,
-                cpus: cfg.cpus.clone(),
+                cpus: q.cpus.clone(),
             };
             handles.push(queue::spawn(w, enforcer.clone(), stop.clone())?);
         }

@@ -137,21 +137,19 @@ fn recv(
     q.recv()
 }
 
-/// The next message, or `None` once `deadline` passes (the socket has no
+/// The next message, or `None` after `HOLD_POLL` (the socket has no
 /// receive timeout in nfq 0.2, so this polls; it only runs while a segment
 /// is held, which is rare and short).
-fn recv_until(
-    q: &mut Queue,
-    deadline: std::time::Instant,
-) -> std::io::Result<Option<nfq::Message>> {
+fn recv_poll(q: &mut Queue) -> std::io::Result<Option<nfq::Message>> {
     q.set_nonblocking(true);
+    let until = std::time::Instant::now() + HOLD_POLL;
     let r = loop {
         match q.recv() {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if std::time::Instant::now() >= deadline {
+                if std::time::Instant::now() >= until {
                     break Ok(None);
                 }
-                std::thread::sleep(HOLD_POLL);
+                std::thread::sleep(HOLD_POLL / 4);
             }
             other => break other.map(Some),
         }
@@ -166,16 +164,29 @@ fn verdict(q: &mut Queue, msg: nfq::Message, enforcer: &Enforcer) {
     }
 }
 
-/// Drop held segments whose flow was not authorized in time.
-fn expire(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
+/// Accept held segments whose flow another queue authorized; drop those
+/// whose flow was not authorized in time.
+fn sweep(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
     let now = std::time::Instant::now();
-    while held.front().is_some_and(|h| h.deadline <= now) {
-        let Some(mut h) = held.pop_front() else { break };
-        h.msg.set_verdict(NfVerdict::Drop);
+    let now_ms = now_ms();
+    let mut i = 0;
+    while i < held.len() {
+        let ok = enforcer.authorized(&held[i].key, now_ms);
+        if !ok && held[i].deadline > now {
+            i += 1;
+            continue;
+        }
+        let Some(mut h) = held.remove(i) else { break };
+        if ok {
+            h.msg.set_verdict(NfVerdict::Accept);
+            enforcer.counters.inc("released");
+        } else {
+            h.msg.set_verdict(NfVerdict::Drop);
+            enforcer.counters.inc("dropped");
+            enforcer.counters.inc("ack_without_token");
+        }
         verdict(q, h.msg, enforcer);
         enforcer.unhold();
-        enforcer.counters.inc("dropped");
-        enforcer.counters.inc("ack_without_token");
     }
 }
 
@@ -200,10 +211,11 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
     let mut last = std::time::Instant::now();
     let mut held: VecDeque<Held> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
-        expire(q, &mut held, enforcer);
-        let next = match held.front() {
-            Some(h) => recv_until(q, h.deadline),
-            None => recv(q, last, spin).map(Some),
+        let next = if held.is_empty() {
+            recv(q, last, spin).map(Some)
+        } else {
+            sweep(q, &mut held, enforcer);
+            recv_poll(q)
         };
         let mut msg = match next {
             Ok(Some(m)) => m,

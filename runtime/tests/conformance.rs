@@ -104,7 +104,7 @@ fn observed_matrix_equals_trireme_matrix() {
     let mut m = expected(&lab, 0);
     for (i, ns) in NS.iter().enumerate() {
         let mut cfg = format!(
-            "node: node-{ns}\nqueues: 2\nruleset: {}\nkeys: {{psk: {}}}\npus:\n",
+            "node: node-{ns}\nfanout: flow\nqueues: 2\nruleset: {}\nkeys: {{psk: {}}}\npus:\n",
             rs.display(),
             psk.display()
         );

@@ -488,7 +488,27 @@ fn data_that_overtakes_the_token_ack_is_held_then_released() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `cpus` pins the queue threads, and only them, to the CPUs given.
+/// Each runtime thread's name and the CPUs it may run on.
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let task = std::path::PathBuf::from(format!("/proc/{pid}/task"));
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(&task).unwrap() {
+        let t = t.unwrap().path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        out.push((comm.trim().to_string(), allowed));
+    }
+    out
+}
+
+/// `fanout: flow` with `cpus`: the queue threads, and only them, run on
+/// the CPUs given.
 #[test]
 fn queue_threads_are_pinned_to_the_configured_cpus() {
     if skip() {
@@ -501,24 +521,14 @@ fn queue_threads_are_pinned_to_the_configured_cpus() {
     let i = lab.start(
         "c",
         &format!(
-            "node: node-c\nruleset: {}\nkeys: {k}\ncpus: [0]\nqueues: 2\npus:\n{}",
+            "node: node-c\nruleset: {}\nkeys: {k}\nfanout: flow\ncpus: [0]\nqueues: 2\npus:\n{}",
             rs.display(),
             pu("h", &h, "web")
         ),
     );
-    let task = std::path::PathBuf::from(format!("/proc/{}/task", lab.runtimes[i].pid()));
     let multi = std::thread::available_parallelism().map_or(1, |n| n.get()) > 1;
     let mut pinned = 0;
-    for t in std::fs::read_dir(&task).unwrap() {
-        let t = t.unwrap().path();
-        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
-        let allowed = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+    for (comm, allowed) in thread_cpus(lab.runtimes[i].pid()) {
         if comm.starts_with("nfq-") {
             assert_eq!(allowed, "0", "{comm}");
             pinned += 1;
@@ -527,9 +537,151 @@ fn queue_threads_are_pinned_to_the_configured_cpus() {
         }
     }
     assert_eq!(pinned, 2, "one thread per queue");
-    assert!(
-        lab.log(i).contains("queue threads on CPUs [0]"),
-        "{}",
-        lab.log(i)
+    assert!(lab.log(i).contains("threads on CPUs [0]"), "{}", lab.log(i));
+}
+
+/// The default, `fanout: cpu`: one queue per CPU, the kernel picks the
+/// queue of the CPU that handles the packet, and that queue's thread runs
+/// on that CPU only (so handing a packet over never wakes another CPU).
+#[test]
+fn by_default_each_cpu_has_its_queue_and_thread() {
+    if skip() {
+        return;
+    }
+    let mut lab = lab("f");
+    let h = lab.host("h", "198.18.1.61", "fd00::1:61");
+    let rs = lab.compile("rs.bin", POLICIES);
+    let k = psk(&lab.dir, "psk.key", 5);
+    let i = lab.start(
+        "f",
+        &format!(
+            "node: node-f\nruleset: {}\nkeys: {k}\npus:\n{}",
+            rs.display(),
+            pu("h", &h, "web")
+        ),
     );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let queues: Vec<(String, String)> = thread_cpus(lab.runtimes[i].pid())
+        .into_iter()
+        .filter(|(comm, _)| comm.starts_with("nfq-0-"))
+        .collect();
+    assert_eq!(queues.len(), cpus, "{queues:?}");
+    for (comm, allowed) in &queues {
+        // Thread `nfq-<pu>-<queue>` serves queue c, and runs on CPU c.
+        let c = comm.rsplit('-').next().unwrap();
+        assert_eq!(allowed, c, "{comm}");
+    }
+    let rules = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &h.ns, "iptables", "-S", "TRIREME-IN"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    if cpus > 1 {
+        assert!(
+            rules.contains(&format!(
+                "--queue-balance 0:{} --queue-cpu-fanout",
+                cpus - 1
+            )),
+            "{rules}"
+        );
+    }
+    assert!(lab.log(i).contains("one per CPU"), "{}", lab.log(i));
+}
+
+/// A client restarts and reuses its address and port while the server
+/// still holds the old connection (a pod's address recycled, a crashed
+/// process): the server's kernel answers the new SYN with a bare ACK, the
+/// client's kernel answers that with a reset, and the SYN's retransmission
+/// opens a new connection. Both runtimes let those two segments through
+/// instead of leaving the port unusable until the stale connection dies.
+#[test]
+fn a_stale_connection_at_the_server_does_not_block_port_reuse() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trstale{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = psk(&dir, "psk.key", 5);
+    let t = beer("s", &k, &k);
+    serve(&t.be, t.be.ip4, 80);
+    // The client's resets never leave (dropped after conntrack saw them),
+    // so the server keeps its side of the first connection.
+    let rst = |op: &str| {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &t.fe.ns,
+            "iptables",
+            "-t",
+            "mangle",
+            op,
+            "POSTROUTING",
+            "-p",
+            "tcp",
+            "--sport",
+            "40123",
+            "--tcp-flags",
+            "RST",
+            "RST",
+            "-j",
+            "DROP",
+        ])
+    };
+    let client = |linger: bool| {
+        let script = format!(
+            "import socket, struct, sys\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('{fe}', 40123))\n\
+             s.settimeout(5)\n\
+             s.connect(('{be}', 80))\n\
+             s.sendall(struct.pack('>Q', 64))\n\
+             got = b''\n\
+             while len(got) < 64:\n    got += s.recv(64 - len(got))\n\
+             if {linger}:\n    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
+             s.close()\n\
+             print('ok')\n",
+            fe = t.fe.ip4,
+            be = t.be.ip4,
+            linger = if linger { "True" } else { "False" }
+        );
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &t.fe.ns, "/usr/bin/python3", "-c", &script])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "ok"
+    };
+    rst("-A");
+    assert!(client(true), "first connection");
+    rst("-D");
+    let server_side = || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.be.ns,
+                "ss",
+                "-tnH",
+                "state",
+                "established",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(":40123")
+    };
+    assert!(server_side(), "the server still holds the first connection");
+    assert!(
+        client(false),
+        "the same port again, while the server holds the old connection"
+    );
+    assert!(
+        t.lab.counter(0, "stale_connection_ack") >= 1,
+        "{}",
+        t.lab.stats(0)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
