@@ -4,7 +4,8 @@
 //!    packets, against the token engine's own calls for the same packet in
 //!    the same run (the difference is our cost beyond crypto).
 //! 2. The real datapath in a namespace lab: the same two hosts measured with
-//!    no enforcer (baseline), then with PSK, then with PKI: connection setup
+//!    no enforcer (baseline), then with PSK, then with PKI, then PSK with
+//!    `fanout: flow` (one unpinned queue per PU): connection setup
 //!    latency (connect + one request/response), new connections per second,
 //!    bulk throughput, and the runtime's memory serving 100 PUs.
 
@@ -373,12 +374,13 @@ fn datapath() {
     let psk_counters = counters(&l, ia, ib);
     l.kill(ia);
     l.kill(ib);
-    // The same with both runtimes' queue threads pinned to the last CPU.
-    let last = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
-    let pinned = |p: String| format!("cpus: [{last}]\n{p}");
-    let ia = l.start("pin-a", &pinned(cfg("node-a", &psk_keys, pu("a", &a))));
-    let ib = l.start("pin-b", &pinned(cfg("node-b", &psk_keys, pu("b", &b))));
-    let with_pin = measure(&a, &b);
+    // The same with one unpinned queue per PU (`fanout: flow`, the design
+    // before one queue per CPU), for the ratio in the same run.
+    let flow = |p: String| format!("fanout: flow\n{p}");
+    let ia = l.start("flow-a", &flow(cfg("node-a", &psk_keys, pu("a", &a))));
+    let ib = l.start("flow-b", &flow(cfg("node-b", &psk_keys, pu("b", &b))));
+    let with_flow = measure(&a, &b);
+    let flow_counters = counters(&l, ia, ib);
     l.kill(ia);
     l.kill(ib);
     let ia = l.start("pki-a", &cfg("node-a", &pki("node-a"), pu("a", &a)));
@@ -398,7 +400,7 @@ fn datapath() {
         ("baseline", &base),
         ("PSK", &with_psk),
         ("PKI", &with_pki),
-        ("PSK, cpus", &with_pin),
+        ("PSK, flow", &with_flow),
     ] {
         println!(
             "{name:10} {:11.1} {:12.1} {:13.1} {:8.0} ({:3.0}%) {:8.2} ({:3.0}%)",
@@ -420,9 +422,12 @@ fn datapath() {
         with_pki.udp_p50 - base.udp_p50
     );
     println!("runtime RSS with 1 PU: {:.1} MiB", rss_one as f64 / 1024.0);
-    println!("PSK, cpus: both runtimes' queue threads pinned to CPU {last} (`cpus: [{last}]`)");
+    println!(
+        "PSK, flow: `fanout: flow`, one unpinned queue per PU (the default is one queue per CPU)"
+    );
     println!("PSK counters: {psk_counters}");
     println!("PKI counters: {pki_counters}");
+    println!("PSK, flow counters: {flow_counters}");
 
     // Memory serving 100 PUs (namespaces without links: the rules, queues
     // and worker threads are what costs).
