@@ -276,6 +276,48 @@ fn unauthorized_segments_are_dropped_and_tokenless_acks_held() {
     assert_eq!(b.counters.get("authorized"), 0);
 }
 
+/// The server's kernel still holds an older connection on the tuple and
+/// answers a new SYN with a bare ACK: it leaves the responder and enters the
+/// initiator (whose kernel resets the stale connection), unmarked; the
+/// SYN's retransmission then completes a normal handshake.
+#[test]
+fn a_stale_connection_ack_passes_unmarked_and_the_retransmitted_syn_completes() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    let p = packets(40005);
+    let syn = rewritten(a.handle(0, Hook::Out, &p.syn, NOW));
+    rewritten(b.handle(0, Hook::In, &syn, NOW));
+    let stale = tcp(B, 80, A, 40005, "A", 777);
+    assert_eq!(b.handle(0, Hook::Out, &stale, NOW), Verdict::Accept);
+    assert_eq!(a.handle(0, Hook::In, &stale, NOW), Verdict::Accept);
+    assert_eq!(a.counters.get("stale_connection_ack"), 1);
+    assert_eq!(b.counters.get("stale_connection_ack"), 1);
+    // Data from the server in that state is still refused.
+    let mut data = Vec::new();
+    PacketBuilder::ipv4(B, A, 64)
+        .tcp(80, 40005, 777, 64240)
+        .ack(1000)
+        .write(&mut data, b"x")
+        .unwrap();
+    assert_eq!(
+        b.handle(0, Hook::Out, &data, NOW),
+        Verdict::Drop("unauthorized_flow")
+    );
+    // The retransmitted SYN (same bytes) is recognised; the handshake completes.
+    let again = rewritten(a.handle(0, Hook::Out, &p.syn, NOW + 1000));
+    assert_eq!(again, syn);
+    rewritten(b.handle(0, Hook::In, &again, NOW + 1000));
+    let synack = rewritten(b.handle(0, Hook::Out, &p.synack, NOW + 1000));
+    rewritten(a.handle(0, Hook::In, &synack, NOW + 1000));
+    let ack = match a.handle(0, Hook::Out, &p.ack, NOW + 1000) {
+        Verdict::Provisional(x) => x,
+        v => panic!("{v:?}"),
+    };
+    assert!(matches!(
+        b.handle(0, Hook::In, &ack, NOW + 1000),
+        Verdict::Authorize(Some(_))
+    ));
+}
+
 #[test]
 fn the_table_is_bounded() {
     let a = node("node-a", "client", 16);
