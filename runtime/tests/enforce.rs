@@ -507,6 +507,24 @@ fn thread_cpus(pid: u32) -> Vec<(String, String)> {
     out
 }
 
+/// A node running one PU (`web`) at `ip4`, with `extra` config lines.
+fn one_pu_node(tag: &str, ip4: &str, extra: &str) -> (Lab, Host, usize) {
+    let mut lab = lab(tag);
+    let ip6 = format!("fd00::1:{}", ip4.rsplit('.').next().unwrap());
+    let h = lab.host("h", ip4, &ip6);
+    let rs = lab.compile("rs.bin", POLICIES);
+    let k = psk(&lab.dir, "psk.key", 5);
+    let i = lab.start(
+        tag,
+        &format!(
+            "node: node-{tag}\nruleset: {}\nkeys: {k}\n{extra}pus:\n{}",
+            rs.display(),
+            pu("h", &h, "web")
+        ),
+    );
+    (lab, h, i)
+}
+
 /// `fanout: flow` with `cpus`: the queue threads, and only them, run on
 /// the CPUs given.
 #[test]
@@ -514,18 +532,7 @@ fn queue_threads_are_pinned_to_the_configured_cpus() {
     if skip() {
         return;
     }
-    let mut lab = lab("c");
-    let h = lab.host("h", "198.18.1.60", "fd00::1:60");
-    let rs = lab.compile("rs.bin", POLICIES);
-    let k = psk(&lab.dir, "psk.key", 5);
-    let i = lab.start(
-        "c",
-        &format!(
-            "node: node-c\nruleset: {}\nkeys: {k}\nfanout: flow\ncpus: [0]\nqueues: 2\npus:\n{}",
-            rs.display(),
-            pu("h", &h, "web")
-        ),
-    );
+    let (lab, _h, i) = one_pu_node("c", "198.18.1.60", "fanout: flow\ncpus: [0]\nqueues: 2\n");
     let multi = std::thread::available_parallelism().map_or(1, |n| n.get()) > 1;
     let mut pinned = 0;
     for (comm, allowed) in thread_cpus(lab.runtimes[i].pid()) {
@@ -548,18 +555,7 @@ fn by_default_each_cpu_has_its_queue_and_thread() {
     if skip() {
         return;
     }
-    let mut lab = lab("f");
-    let h = lab.host("h", "198.18.1.61", "fd00::1:61");
-    let rs = lab.compile("rs.bin", POLICIES);
-    let k = psk(&lab.dir, "psk.key", 5);
-    let i = lab.start(
-        "f",
-        &format!(
-            "node: node-f\nruleset: {}\nkeys: {k}\npus:\n{}",
-            rs.display(),
-            pu("h", &h, "web")
-        ),
-    );
+    let (lab, h, i) = one_pu_node("f", "198.18.1.61", "");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let queues: Vec<(String, String)> = thread_cpus(lab.runtimes[i].pid())
         .into_iter()
