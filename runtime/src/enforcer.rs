@@ -640,15 +640,8 @@ impl Enforcer {
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
     }
 
-    /// The flow a TCP packet belongs to, as `handle` keys it (for releasing
-    /// the segments a `Hold` kept once the flow is authorized).
-    pub fn flow_key(pu: usize, hook: Hook, pkt: &[u8]) -> Option<FlowKey> {
-        packet::tcp_meta(pkt).ok().map(|m| key_of(pu, hook, &m))
-    }
-
-    /// Whether the responder has authorized this flow: segments held on one
-    /// queue are released by another queue's verdict on the token ACK (with
-    /// CPU fanout, a flow's packets meet different queues).
+    /// Whether the responder has authorized this flow: the queues release
+    /// the segments a `Hold` kept once it has.
     pub fn authorized(&self, key: &FlowKey, now_ms: u64) -> bool {
         matches!(
             lock(&self.flows).get_mut(key, now_ms),

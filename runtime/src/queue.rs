@@ -23,7 +23,8 @@ const HOLD: std::time::Duration = std::time::Duration::from_millis(1000);
 /// node as a whole holds at most `Enforcer::HOLD_MAX`: a held message
 /// keeps its receive buffer, about 72 KiB, alive.)
 const HOLD_MAX: usize = 32;
-/// How often a queue with held segments looks at their deadlines.
+/// How often a queue with held segments looks at whether their flow was
+/// authorized (on another queue) or their deadline passed.
 const HOLD_POLL: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// A segment kept without a verdict until its flow is authorized.
@@ -164,8 +165,10 @@ fn verdict(q: &mut Queue, msg: nfq::Message, enforcer: &Enforcer) {
     }
 }
 
-/// Accept held segments whose flow another queue authorized; drop those
-/// whose flow was not authorized in time.
+/// Accept, in arrival order, held segments whose flow is now authorized
+/// (by this queue's verdict on the token ACK, or by another queue's: with
+/// CPU fanout a flow's packets meet different queues); drop those whose
+/// flow was not authorized in time.
 fn sweep(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
     let now = std::time::Instant::now();
     let now_ms = now_ms();
@@ -187,22 +190,6 @@ fn sweep(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
         }
         verdict(q, h.msg, enforcer);
         enforcer.unhold();
-    }
-}
-
-/// Accept, in arrival order, the held segments of a flow just authorized.
-fn release(q: &mut Queue, held: &mut VecDeque<Held>, key: FlowKey, enforcer: &Enforcer) {
-    let mut i = 0;
-    while i < held.len() {
-        if held[i].key == key {
-            let Some(mut h) = held.remove(i) else { break };
-            h.msg.set_verdict(NfVerdict::Accept);
-            verdict(q, h.msg, enforcer);
-            enforcer.unhold();
-            enforcer.counters.inc("released");
-        } else {
-            i += 1;
-        }
     }
 }
 
@@ -244,11 +231,7 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
         };
         let v = enforcer.handle(w.pu, hook, msg.get_payload(), now_ms());
         last = std::time::Instant::now();
-        // Only computed when something is held: the common path pays nothing.
-        let authorized = match (&v, held.is_empty()) {
-            (Verdict::Authorize(_), false) => Enforcer::flow_key(w.pu, hook, msg.get_payload()),
-            _ => None,
-        };
+        let authorized = matches!(v, Verdict::Authorize(_));
         match v {
             Verdict::Accept => msg.set_verdict(NfVerdict::Accept),
             Verdict::Rewrite(p) => {
@@ -291,9 +274,10 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
             Verdict::Drop(_) => msg.set_verdict(NfVerdict::Drop),
         }
         verdict(q, msg, enforcer);
-        // After the ACK's own verdict, which re-injected it first.
-        if let Some(key) = authorized {
-            release(q, &mut held, key, enforcer);
+        // After the ACK's own verdict, which re-injected it first. Only when
+        // something is held: the common path pays nothing.
+        if authorized && !held.is_empty() {
+            sweep(q, &mut held, enforcer);
         }
     }
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use trireme_compiler::model::Identity;
 use trireme_compiler::ruleset::Ruleset;
 use trireme_runtime::enforcer::{Enforcer, Hook, Pu, Verdict};
+use trireme_runtime::flows::FlowKey;
 use trireme_tokens::handshake::{Config, Credentials, Engine};
 use trireme_tokens::keys::Psk;
 
@@ -163,9 +164,14 @@ fn a_lost_ack_is_recovered_not_stalled() {
         .write(&mut data, b"hello")
         .unwrap();
     assert_eq!(a.handle(0, Hook::Out, &data, NOW), Verdict::Accept);
-    let key = Enforcer::flow_key(0, Hook::In, &data).unwrap();
+    let key = FlowKey {
+        pu: 0,
+        local: (B, 80).into(),
+        remote: (A, 40010).into(),
+    };
     assert_eq!(b.handle(0, Hook::In, &data, NOW), Verdict::Hold(key));
     assert_eq!(key.local.port(), 80);
+    assert!(!b.authorized(&key, NOW), "held until the ACK is verified");
     // The server re-sends its SYN-ACK: it revokes the client's provisional
     // mark; the client's kernel answers with an ACK, which carries the
     // token again and marks again; the server completes.
@@ -183,6 +189,10 @@ fn a_lost_ack_is_recovered_not_stalled() {
         b.handle(0, Hook::In, &ack2, NOW + 1000),
         Verdict::Authorize(Some(_))
     ));
+    assert!(
+        b.authorized(&key, NOW + 1000),
+        "what releases the held data"
+    );
     // A further copy of that same ACK passes; a different token does not.
     assert!(matches!(
         b.handle(0, Hook::In, &ack2, NOW + 1001),
