@@ -9,11 +9,33 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
 /// A flow as seen from one PU: its own address first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
     pub pu: u32,
     pub local: SocketAddr,
     pub remote: SocketAddr,
+}
+
+/// One write of the key's bytes: the derived hash feeds the keyed hasher
+/// field by field (enum tags, each address, each port), several times the
+/// work, on every handshake packet. Equal keys give equal bytes (flow
+/// labels and scope ids are left out, which only merges hash buckets).
+impl std::hash::Hash for FlowKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        fn put(b: &mut [u8], a: &SocketAddr) {
+            let ip = match a {
+                SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped().octets(),
+                SocketAddr::V6(v6) => v6.ip().octets(),
+            };
+            b[..16].copy_from_slice(&ip);
+            b[16..].copy_from_slice(&a.port().to_ne_bytes());
+        }
+        let mut b = [0u8; 40];
+        b[..4].copy_from_slice(&self.pu.to_ne_bytes());
+        put(&mut b[4..22], &self.local);
+        put(&mut b[22..], &self.remote);
+        state.write(&b);
+    }
 }
 
 struct Slot<S> {

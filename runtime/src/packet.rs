@@ -17,7 +17,7 @@
 //! unchanged.
 
 use etherparse::checksum::Sum16BitWords;
-use etherparse::{IpHeaders, IpNumber, TcpHeader};
+use etherparse::{IpNumber, IpSlice, TcpHeaderSlice};
 
 /// TCP option kind for experiments (RFC 4727), shared using RFC 6994 ids.
 pub const OPTION_KIND: u8 = 253;
@@ -78,28 +78,43 @@ pub struct TcpMeta {
     pub payload_len: usize,
 }
 
-/// Addresses, ports and flags, validating the headers as `strip` would.
-pub fn tcp_meta(pkt: &[u8]) -> Result<TcpMeta, PacketError> {
-    use std::net::{IpAddr, SocketAddr};
-    let (ip, payload) = IpHeaders::from_slice(pkt).map_err(|e| PacketError::Ip(e.to_string()))?;
+/// The IP layer, validated, without copying anything: etherparse's owned
+/// `IpHeaders` carries buffers for every possible extension header (kilobytes
+/// moved per call), and this runs on every handshake packet.
+fn ip(pkt: &[u8]) -> Result<IpSlice<'_>, PacketError> {
+    IpSlice::from_slice(pkt).map_err(|e| PacketError::Ip(e.to_string()))
+}
+
+/// The TCP segment of a validated IP packet: (IP header length including
+/// extension headers, TCP header, IP payload end).
+fn tcp<'a>(
+    pkt: &'a [u8],
+    ip: &IpSlice<'a>,
+) -> Result<(usize, TcpHeaderSlice<'a>, usize), PacketError> {
+    let payload = ip.payload();
     if payload.ip_number != IpNumber::TCP {
         return Err(PacketError::NotTcp);
     }
     if payload.fragmented {
         return Err(PacketError::Fragmented);
     }
-    let (tcp, rest) =
-        TcpHeader::from_slice(payload.payload).map_err(|e| PacketError::Tcp(e.to_string()))?;
-    let (src, dst): (IpAddr, IpAddr) = match &ip {
-        IpHeaders::Ipv4(h, _) => (h.source.into(), h.destination.into()),
-        IpHeaders::Ipv6(h, _) => (h.source.into(), h.destination.into()),
-    };
-    let t = ip.header_len();
+    let segment = payload.payload;
+    // The payload is a sub-slice of `pkt`: its offset is the headers' length.
+    let ip_header_len = segment.as_ptr() as usize - pkt.as_ptr() as usize;
+    let tcp = TcpHeaderSlice::from_slice(segment).map_err(|e| PacketError::Tcp(e.to_string()))?;
+    Ok((ip_header_len, tcp, ip_header_len + segment.len()))
+}
+
+/// Addresses, ports and flags, validating the headers as `strip` would.
+pub fn tcp_meta(pkt: &[u8]) -> Result<TcpMeta, PacketError> {
+    use std::net::SocketAddr;
+    let ip = ip(pkt)?;
+    let (t, tcp, end) = tcp(pkt, &ip)?;
     Ok(TcpMeta {
-        src: SocketAddr::new(src, tcp.source_port),
-        dst: SocketAddr::new(dst, tcp.destination_port),
+        src: SocketAddr::new(ip.source_addr(), tcp.source_port()),
+        dst: SocketAddr::new(ip.destination_addr(), tcp.destination_port()),
         flags: pkt[t + 13],
-        payload_len: rest.len(),
+        payload_len: end - t - tcp.slice().len(),
     })
 }
 
@@ -115,11 +130,9 @@ pub struct IpMeta {
 }
 
 pub fn ip_meta(pkt: &[u8]) -> Result<IpMeta, PacketError> {
-    let (ip, payload) = IpHeaders::from_slice(pkt).map_err(|e| PacketError::Ip(e.to_string()))?;
-    let (src, dst): (std::net::IpAddr, std::net::IpAddr) = match &ip {
-        IpHeaders::Ipv4(h, _) => (h.source.into(), h.destination.into()),
-        IpHeaders::Ipv6(h, _) => (h.source.into(), h.destination.into()),
-    };
+    let ip = ip(pkt)?;
+    let (src, dst) = (ip.source_addr(), ip.destination_addr());
+    let payload = ip.payload();
     let protocol = payload.ip_number.0;
     let p = payload.payload;
     let (src_port, dst_port) = if matches!(protocol, 17 | 132) && !payload.fragmented {
@@ -149,33 +162,39 @@ struct Layout {
     tcp_header_len: usize,
     /// IP payload end (trailing link-layer padding excluded).
     end: usize,
-    src: Vec<u8>,
-    dst: Vec<u8>,
+    /// Source and destination addresses for the pseudo-header: 4 or 16
+    /// bytes each, in place (no allocation per packet).
+    addrs: [u8; 32],
+}
+
+impl Layout {
+    fn addrs(&self) -> &[u8] {
+        &self.addrs[..if self.v4 { 8 } else { 32 }]
+    }
 }
 
 fn layout(pkt: &[u8]) -> Result<Layout, PacketError> {
-    let (ip, payload) = IpHeaders::from_slice(pkt).map_err(|e| PacketError::Ip(e.to_string()))?;
-    if payload.ip_number != IpNumber::TCP {
-        return Err(PacketError::NotTcp);
-    }
-    if payload.fragmented {
-        return Err(PacketError::Fragmented);
-    }
-    let ip_header_len = ip.header_len();
-    let end = ip_header_len + payload.payload.len();
-    let (tcp, _) =
-        TcpHeader::from_slice(payload.payload).map_err(|e| PacketError::Tcp(e.to_string()))?;
-    let (v4, src, dst) = match &ip {
-        IpHeaders::Ipv4(h, _) => (true, h.source.to_vec(), h.destination.to_vec()),
-        IpHeaders::Ipv6(h, _) => (false, h.source.to_vec(), h.destination.to_vec()),
+    let ip = ip(pkt)?;
+    let (ip_header_len, tcp, end) = tcp(pkt, &ip)?;
+    let mut addrs = [0u8; 32];
+    let v4 = match &ip {
+        IpSlice::Ipv4(h) => {
+            addrs[..4].copy_from_slice(&h.header().source());
+            addrs[4..8].copy_from_slice(&h.header().destination());
+            true
+        }
+        IpSlice::Ipv6(h) => {
+            addrs[..16].copy_from_slice(&h.header().source());
+            addrs[16..].copy_from_slice(&h.header().destination());
+            false
+        }
     };
     Ok(Layout {
         v4,
         ip_header_len,
-        tcp_header_len: tcp.header_len(),
+        tcp_header_len: tcp.slice().len(),
         end,
-        src,
-        dst,
+        addrs,
     })
 }
 
@@ -198,10 +217,7 @@ fn fix(out: &mut [u8], l: &Layout) {
     }
     let t = l.ip_header_len;
     out[t + 16..t + 18].copy_from_slice(&[0, 0]);
-    let mut sum = Sum16BitWords::new()
-        .add_slice(&l.src)
-        .add_slice(&l.dst)
-        .add_2bytes([0, 6]);
+    let mut sum = Sum16BitWords::new().add_slice(l.addrs()).add_2bytes([0, 6]);
     sum = if l.v4 {
         sum.add_2bytes((seg_len as u16).to_be_bytes())
     } else {
@@ -281,7 +297,7 @@ pub fn strip(pkt: &[u8]) -> Result<Option<Stripped>, PacketError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use etherparse::PacketBuilder;
+    use etherparse::{IpHeaders, PacketBuilder, TcpHeader};
     use proptest::prelude::*;
 
     fn checksums_valid(pkt: &[u8]) -> bool {
