@@ -325,6 +325,73 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The floor under any NFQUEUE enforcer on this machine: our rules, one
+/// queue per CPU with a pinned thread, the same verdicts (ACKs re-injected
+/// with the marks that set the conntrack mark), and no work at all: no
+/// token, no parsing beyond the flags, no flow table. Run as a separate
+/// process per namespace (`TRIREME_BENCH_FLOOR=<netns path>`), as the
+/// runtimes are, so that it pays the same switches between processes; its
+/// sockets close when it is killed, freeing the queue numbers.
+fn floor(netns: &str) -> ! {
+    use nfq::{Queue, Verdict as NfVerdict};
+    use trireme_runtime::firewall::{AUTH_MARK, PROVISIONAL_MARK};
+    // Die with the bench, however it ends (a panic included).
+    // SAFETY: prctl with an integer argument has no memory effects.
+    unsafe { nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) };
+    let cpus = trireme_runtime::config::online_cpus().min(64);
+    trireme_runtime::firewall::apply(
+        std::path::Path::new(netns),
+        &trireme_runtime::firewall::Options {
+            queue: 0,
+            queues: cpus as u16,
+            cpu_fanout: true,
+            fail_open: false,
+        },
+    )
+    .unwrap();
+    for cpu in 0..cpus {
+        let netns = netns.to_string();
+        std::thread::spawn(move || {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(cpu).unwrap();
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+            let f = std::fs::File::open(&netns).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut q = Queue::open().unwrap();
+            q.bind(cpu as u16).unwrap();
+            q.set_queue_max_len(cpu as u16, 4096).unwrap();
+            q.set_copy_range(cpu as u16, 0xffff).unwrap();
+            loop {
+                let Ok(mut m) = q.recv() else { continue };
+                let p = m.get_payload();
+                let (t, proto) = if p[0] >> 4 == 4 {
+                    ((p[0] & 15) as usize * 4, p[9])
+                } else {
+                    (40, p[6])
+                };
+                // A TCP SYN or SYN-ACK passes; anything else (the ACKs, the
+                // first datagram of a flow) is marked as authorized.
+                if proto == 6 && p.get(t + 13).is_some_and(|f| f & 2 != 0) {
+                    m.set_verdict(NfVerdict::Accept);
+                } else {
+                    // LOCAL_OUT is hook 3: the initiator's ACK marks provisionally.
+                    let out = if m.get_hook() == 3 {
+                        PROVISIONAL_MARK
+                    } else {
+                        0
+                    };
+                    m.set_nfmark(m.get_nfmark() | AUTH_MARK | out);
+                    m.set_verdict(NfVerdict::Repeat);
+                }
+                let _ = q.verdict(m);
+            }
+        });
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
 fn datapath() {
     if !lab::is_root() {
         println!("\n(datapath benchmarks skipped: they need root)");
@@ -367,6 +434,19 @@ fn datapath() {
         )
     };
     let base = measure(&a, &b);
+    let floor_of = |h: &Host| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .env("TRIREME_BENCH_FLOOR", h.path())
+            .spawn()
+            .unwrap()
+    };
+    let mut floors = [floor_of(&a), floor_of(&b)];
+    std::thread::sleep(Duration::from_millis(1500));
+    let with_floor = measure(&a, &b);
+    for f in &mut floors {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
     let psk_keys = format!("{{psk: {}}}", psk.display());
     let ia = l.start("psk-a", &cfg("node-a", &psk_keys, pu("a", &a)));
     let ib = l.start("psk-b", &cfg("node-b", &psk_keys, pu("b", &b)));
@@ -398,6 +478,7 @@ fn datapath() {
     );
     for (name, f) in [
         ("baseline", &base),
+        ("floor", &with_floor),
         ("PSK", &with_psk),
         ("PKI", &with_pki),
         ("PSK, flow", &with_flow),
@@ -420,6 +501,10 @@ fn datapath() {
         with_psk.udp_p50 - base.udp_p50,
         with_pki.udp_p50,
         with_pki.udp_p50 - base.udp_p50
+    );
+    println!(
+        "floor: our rules, queues, pinned threads and marks, a verdict loop doing no work (the NFQUEUE mechanism's cost); PSK beyond the floor: setup +{:.1} µs",
+        with_psk.p50 - with_floor.p50
     );
     println!("runtime RSS with 1 PU: {:.1} MiB", rss_one as f64 / 1024.0);
     println!(
@@ -457,6 +542,9 @@ fn datapath() {
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
+    }
+    if let Ok(netns) = std::env::var("TRIREME_BENCH_FLOOR") {
+        floor(&netns);
     }
     per_packet();
     datapath();

@@ -212,7 +212,7 @@ fn default_audience() -> String {
 /// Highest online CPU id + 1 (`/sys/devices/system/cpu/online`, e.g.
 /// "0-3,6"): the kernel's queue choice is `cpu % queues`, so ids, not a
 /// count of CPUs, are what matter.
-fn online_cpus() -> usize {
+pub fn online_cpus() -> usize {
     std::fs::read_to_string("/sys/devices/system/cpu/online")
         .ok()
         .and_then(|s| {
