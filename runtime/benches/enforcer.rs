@@ -470,6 +470,39 @@ fn datapath() {
     let pki_counters = counters(&l, ia, ib);
     l.kill(ia);
     l.kill(ib);
+    // Connection tracking alone: what any conntrack-mark fast path pays
+    // per packet (the baseline namespaces track nothing). Last, because
+    // the entries it leaves (established, unmarked) would be refused by
+    // the phases with our rules when a new flow reuses their ports.
+    for h in [&a, &b] {
+        trireme_runtime::firewall::remove(&h.path()).unwrap();
+        trireme_runtime::nft::remove(&h.path()).unwrap();
+    }
+    let track = |op: &str| {
+        for h in [&a, &b] {
+            for chain in ["INPUT", "OUTPUT"] {
+                lab::sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &h.ns,
+                    "iptables",
+                    "-w",
+                    op,
+                    chain,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-j",
+                    "ACCEPT",
+                ]);
+            }
+        }
+    };
+    track("-A");
+    let with_conntrack = measure(&a, &b);
+    track("-D");
 
     println!("\ndatapath, two PU namespaces on a bridge, one process, the same hosts:");
     println!(
@@ -478,6 +511,7 @@ fn datapath() {
     );
     for (name, f) in [
         ("baseline", &base),
+        ("conntrack", &with_conntrack),
         ("floor", &with_floor),
         ("PSK", &with_psk),
         ("PKI", &with_pki),
@@ -501,6 +535,9 @@ fn datapath() {
         with_psk.udp_p50 - base.udp_p50,
         with_pki.udp_p50,
         with_pki.udp_p50 - base.udp_p50
+    );
+    println!(
+        "conntrack: connection tracking in both namespaces (one rule accepting established flows), no queue"
     );
     println!(
         "floor: our rules, queues, pinned threads and marks, a verdict loop doing no work (the NFQUEUE mechanism's cost); PSK beyond the floor: setup +{:.1} µs",
