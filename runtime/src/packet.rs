@@ -100,7 +100,12 @@ fn tcp<'a>(
     }
     let segment = payload.payload;
     // The payload is a sub-slice of `pkt`: its offset is the headers' length.
-    let ip_header_len = segment.as_ptr() as usize - pkt.as_ptr() as usize;
+    // (Checked, so that an empty payload etherparse might return as a
+    // slice of its own can never yield a bogus offset.)
+    let ip_header_len = (segment.as_ptr() as usize)
+        .checked_sub(pkt.as_ptr() as usize)
+        .filter(|o| o + segment.len() <= pkt.len())
+        .ok_or_else(|| PacketError::Ip("payload outside the packet".into()))?;
     let tcp = TcpHeaderSlice::from_slice(segment).map_err(|e| PacketError::Tcp(e.to_string()))?;
     Ok((ip_header_len, tcp, ip_header_len + segment.len()))
 }
@@ -385,6 +390,49 @@ mod tests {
         .map(|e| e.counter())
         .collect();
         assert_eq!(counters.len(), 7);
+    }
+
+    /// The headers' length comes from where the TCP segment starts, so IPv4
+    /// options and IPv6 extension headers must count, and link-layer
+    /// padding after the IP packet must not.
+    #[test]
+    fn ip_options_extension_headers_and_link_padding_pass_through() {
+        // IPv4 with four bytes of options (NOP, NOP, NOP, end of list).
+        let mut v4 = packet(false, &LINUX_SYN, b"data", true);
+        v4.splice(20..20, [1, 1, 1, 0]);
+        v4[0] = 0x46;
+        let total = (v4.len() as u16).to_be_bytes();
+        v4[2..4].copy_from_slice(&total);
+        v4[10..12].copy_from_slice(&[0, 0]);
+        let sum = Sum16BitWords::new().add_slice(&v4[..24]).ones_complement();
+        v4[10..12].copy_from_slice(&sum.to_ne_bytes());
+        // IPv6 with a hop-by-hop header (one PadN option) before TCP.
+        let mut v6 = packet(true, &LINUX_SYN, b"data", true);
+        v6.splice(40..40, [6, 0, 1, 4, 0, 0, 0, 0]);
+        v6[6] = 0;
+        let len = ((v6.len() - 40) as u16).to_be_bytes();
+        v6[4..6].copy_from_slice(&len);
+        for p in [v4, v6] {
+            assert!(checksums_valid(&p));
+            let m = tcp_meta(&p).unwrap();
+            assert_eq!(
+                (m.src.port(), m.dst.port(), m.flags, m.payload_len),
+                (40000, 80, SYN, 4)
+            );
+            let mut padded = p.clone();
+            padded.extend_from_slice(&[0; 6]);
+            assert_eq!(tcp_meta(&padded).unwrap(), m);
+            let with = attach(&padded, b"token").unwrap();
+            assert!(checksums_valid(&with));
+            let s = strip(&with).unwrap().unwrap();
+            assert_eq!(s.token, b"token");
+            assert_eq!(s.packet, p);
+        }
+        // An IPv4 header announcing TCP with no segment at all.
+        let mut empty = packet(false, &[], &[], true)[..20].to_vec();
+        empty[2..4].copy_from_slice(&20u16.to_be_bytes());
+        assert!(matches!(tcp_meta(&empty), Err(PacketError::Tcp(_))));
+        assert!(matches!(strip(&empty), Err(PacketError::Tcp(_))));
     }
 
     proptest! {
