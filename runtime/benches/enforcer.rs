@@ -333,7 +333,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// runtimes are, so that it pays the same switches between processes; its
 /// sockets close when it is killed, freeing the queue numbers.
 fn floor(netns: &str) -> ! {
-    use nfq::{Queue, Verdict as NfVerdict};
+    use nfq::Verdict as NfVerdict;
     use trireme_runtime::firewall::{AUTH_MARK, PROVISIONAL_MARK};
     // Die with the bench, however it ends (a panic included).
     // SAFETY: prctl with an integer argument has no memory effects.
@@ -350,17 +350,16 @@ fn floor(netns: &str) -> ! {
     )
     .unwrap();
     for cpu in 0..cpus {
-        let netns = netns.to_string();
+        let w = trireme_runtime::queue::Worker {
+            pu: 0,
+            netns: netns.into(),
+            queue: cpu as u16,
+            max_len: 4096,
+            spin_us: 0,
+            cpus: vec![cpu],
+        };
         std::thread::spawn(move || {
-            let mut set = nix::sched::CpuSet::new();
-            set.set(cpu).unwrap();
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
-            let f = std::fs::File::open(&netns).unwrap();
-            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let mut q = Queue::open().unwrap();
-            q.bind(cpu as u16).unwrap();
-            q.set_queue_max_len(cpu as u16, 4096).unwrap();
-            q.set_copy_range(cpu as u16, 0xffff).unwrap();
+            let mut q = trireme_runtime::queue::open(&w).unwrap();
             loop {
                 let Ok(mut m) = q.recv() else { continue };
                 let p = m.get_payload();

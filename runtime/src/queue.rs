@@ -91,7 +91,10 @@ pub fn spawn(
     }
 }
 
-fn open(w: &Worker) -> Result<Queue, String> {
+/// Pin the calling thread to the worker's CPUs, enter its namespace and
+/// bind its queue. Public so that the benchmark's floor opens its queues
+/// exactly as the workers do.
+pub fn open(w: &Worker) -> Result<Queue, String> {
     let ctx = |what: &str, e: &dyn std::fmt::Display| {
         format!("queue {} in {}: {what}: {e}", w.queue, w.netns.display())
     };
