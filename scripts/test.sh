@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# A one-shot build gains nothing from incremental state, which is a tenth of
+# target/ (and CI machines can be short of disk). Set it to 1 to keep it.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo fmt --all -- --check
 cargo fmt --all --manifest-path policies-wasm/Cargo.toml -- --check
 cargo clippy --workspace --all-targets -- -D warnings
@@ -21,3 +24,4 @@ failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 TRIREME_DEMO_PROFILE=dev bash scripts/demo.sh > target/demo.out 2>&1 || { cat target/demo.out; exit 1; }
 echo "demo: ok"
 echo "tests: $passed passed, $failed failed"
+echo "disk: $(du -sh target 2>/dev/null | cut -f1) in target/, $(du -sh policies-wasm/target 2>/dev/null | cut -f1) in policies-wasm/target/"
