@@ -10,10 +10,10 @@
 //! Per family, in the PU's namespace, chains `TRIREME-IN` (hooked first
 //! in INPUT) and `TRIREME-OUT` (first in OUTPUT):
 //! 1. flows with the conntrack mark bit pass: the kernel carries them
-//!    (inbound, only flows whose mark is not provisional: see 4, and only
-//!    segments without our marker option: a token that arrives on a
-//!    marked flow goes to NFQUEUE, after rules 2 and 3, to be stripped or
-//!    refused, never delivered as payload);
+//!    (inbound, only segments without our marker option: a token that
+//!    arrives on a marked flow goes to NFQUEUE, after rules 2 and 3, to be
+//!    stripped or refused, never delivered as payload; and a SYN-ACK only
+//!    if the mark is not provisional: see 4);
 //! 2. packets we authorized (nfmark bit, re-injected by NF_REPEAT) set
 //!    the conntrack mark bit and pass; the initiator's token ACK sets the
 //!    provisional bit too;
@@ -86,12 +86,21 @@ pub fn render(v6: bool, o: &Options) -> String {
         // token that arrives after the mark (the initiator's data that
         // took the token on another queue, an ACK re-sent after a lost
         // one) would reach the application as payload.
-        let fast_mask = if inbound { both } else { CT_MARK };
-        let fast = format!("-m connmark --mark {CT_MARK:#x}/{fast_mask:#x} -j ACCEPT");
+        // Inbound, a segment without SYN passes on any authorized flow,
+        // provisional or not: the initiator's flows stay provisional for
+        // their whole life, and their data took nine rules before this one
+        // existed. Only a SYN-ACK must reach the queue on those (rule 4).
+        let fast = format!("-m connmark --mark {CT_MARK:#x}/{CT_MARK:#x} -j ACCEPT");
         if inbound {
             r(
                 &mut s,
-                &format!("-p tcp -m tcp ! --tcp-option {OPTION_KIND} {fast}"),
+                &format!("-p tcp -m tcp --tcp-flags SYN NONE ! --tcp-option {OPTION_KIND} {fast}"),
+            );
+            r(
+                &mut s,
+                &format!(
+                    "-p tcp -m tcp ! --tcp-option {OPTION_KIND} -m connmark --mark {CT_MARK:#x}/{both:#x} -j ACCEPT"
+                ),
             );
             r(&mut s, &format!("! -p tcp {fast}"));
         } else {
@@ -305,9 +314,10 @@ mod tests {
         assert!(r.contains("-A TRIREME-IN -p tcp -j NFQUEUE --queue-num 0\n"));
         assert!(r.trim_end().ends_with("COMMIT"));
         assert!(r.contains("-A TRIREME-OUT -j DROP"));
-        // Inbound, provisionally marked flows skip the fast path so that a
-        // re-sent SYN-ACK reaches the queue; the revoke rules come first,
-        // since NF_REPEAT runs the chain again.
+        // Inbound, segments without SYN take the fast path on every marked
+        // flow; a SYN-ACK only on flows not provisionally marked, so that a
+        // re-sent SYN-ACK reaches the queue. The revoke rules come before
+        // the queue, since NF_REPEAT runs the chain again.
         let lines: Vec<&str> = r.lines().collect();
         let at = |rule: &str| {
             lines
@@ -317,13 +327,19 @@ mod tests {
         };
         assert_eq!(
             at(
-                "-A TRIREME-IN -p tcp -m tcp ! --tcp-option 253 -m connmark --mark 0x20000000/0x30000000 -j ACCEPT"
+                "-A TRIREME-IN -p tcp -m tcp --tcp-flags SYN NONE ! --tcp-option 253 -m connmark --mark 0x20000000/0x20000000 -j ACCEPT"
             ),
             3
         );
         assert_eq!(
-            at("-A TRIREME-IN ! -p tcp -m connmark --mark 0x20000000/0x30000000 -j ACCEPT"),
+            at(
+                "-A TRIREME-IN -p tcp -m tcp ! --tcp-option 253 -m connmark --mark 0x20000000/0x30000000 -j ACCEPT"
+            ),
             4
+        );
+        assert_eq!(
+            at("-A TRIREME-IN ! -p tcp -m connmark --mark 0x20000000/0x20000000 -j ACCEPT"),
+            5
         );
         let revoke = at("-A TRIREME-IN -m mark --mark 0x8000000/0x8000000 -j ACCEPT");
         // A token on a marked flow still reaches the queue (to be stripped

@@ -15,10 +15,11 @@
 //! - sets `{in,out}{4,6}_{allow,ask}` of `addr . inet_proto . inet_service`
 //!   with intervals;
 //! - base chains `input` and `output` at priority -10 (before iptables'
-//!   filter at 0): loopback passes; a new UDP/SCTP flow whose peer,
-//!   protocol and port are in `allow` gets the conntrack mark; one in
-//!   `ask` passes on to the queue; any other new UDP/SCTP flow is counted
-//!   and dropped.
+//!   filter at 0): TCP passes on at the first rule (the handshake chains
+//!   judge it); a new UDP/SCTP flow jumps to `in_new` / `out_new`;
+//! - there, loopback passes; a flow whose peer, protocol and port are in
+//!   `allow` gets the conntrack mark; one in `ask` passes on to the queue;
+//!   any other is counted and dropped.
 
 use crate::datagram::{Element, PuTables};
 use crate::firewall::CT_MARK;
@@ -190,64 +191,99 @@ pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
             b.add(set(&format!("{dir}{fam}_ask"), v6, &tab.ask));
         }
     }
-    for (dir, input, _) in &dirs {
-        let chain = if *input { "input" } else { "output" };
-        b.add(NfListObject::Chain(schema::Chain {
+    let chain = |name: String, hook: Option<NfHook>| {
+        NfListObject::Chain(schema::Chain {
             family: NfFamily::INet,
             table: TABLE.into(),
-            name: chain.into(),
-            _type: Some(NfChainType::Filter),
-            hook: Some(if *input {
-                NfHook::Input
-            } else {
-                NfHook::Output
-            }),
-            prio: Some(PRIORITY),
-            policy: Some(NfChainPolicy::Accept),
+            name: name.into(),
+            _type: hook.map(|_| NfChainType::Filter),
+            prio: hook.map(|_| PRIORITY),
+            policy: hook.map(|_| NfChainPolicy::Accept),
+            hook,
             ..schema::Chain::default()
-        }));
-        let mut rule = |expr: Vec<Statement<'static>>| {
-            b.add(NfListObject::Rule(schema::Rule {
-                family: NfFamily::INet,
-                table: TABLE.into(),
-                chain: chain.into(),
-                expr: Cow::Owned(expr),
-                ..schema::Rule::default()
-            }))
-        };
+        })
+    };
+    let rule = |chain: String, expr: Vec<Statement<'static>>| {
+        NfListObject::Rule(schema::Rule {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            chain: chain.into(),
+            expr: Cow::Owned(expr),
+            ..schema::Rule::default()
+        })
+    };
+    let mark = Statement::Mangle(Mangle {
+        key: ct("mark"),
+        value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+            ct("mark"),
+            Expression::Number(CT_MARK),
+        ]))),
+    });
+    for (dir, input, _) in &dirs {
+        let new = format!("{dir}_new");
+        b.add(chain(new.clone(), None));
         let lo = if *input {
             MetaKey::Iifname
         } else {
             MetaKey::Oifname
         };
-        rule(vec![
-            matches(meta(lo), Operator::EQ, s("lo")),
-            Statement::Accept(None),
-        ]);
-        let mark = Statement::Mangle(Mangle {
-            key: ct("mark"),
-            value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
-                ct("mark"),
-                Expression::Number(CT_MARK),
-            ]))),
-        });
+        b.add(rule(
+            new.clone(),
+            vec![
+                matches(meta(lo), Operator::EQ, s("lo")),
+                Statement::Accept(None),
+            ],
+        ));
         for fam in [4, 6] {
-            let mut r = new_datagram();
-            r.push(lookup(fam == 6, *input, &format!("{dir}{fam}_allow")));
-            r.push(mark.clone());
-            r.push(Statement::Accept(None));
-            rule(r);
+            b.add(rule(
+                new.clone(),
+                vec![
+                    lookup(fam == 6, *input, &format!("{dir}{fam}_allow")),
+                    mark.clone(),
+                    Statement::Accept(None),
+                ],
+            ));
         }
         for fam in [4, 6] {
-            let mut r = new_datagram();
-            r.push(lookup(fam == 6, *input, &format!("{dir}{fam}_ask")));
-            r.push(Statement::Accept(None));
-            rule(r);
+            b.add(rule(
+                new.clone(),
+                vec![
+                    lookup(fam == 6, *input, &format!("{dir}{fam}_ask")),
+                    Statement::Accept(None),
+                ],
+            ));
         }
+        b.add(rule(
+            new.clone(),
+            vec![
+                Statement::Counter(Counter::Anonymous(None)),
+                Statement::Drop(None),
+            ],
+        ));
+        let base = if *input { "input" } else { "output" };
+        b.add(chain(
+            base.into(),
+            Some(if *input {
+                NfHook::Input
+            } else {
+                NfHook::Output
+            }),
+        ));
+        // Every TCP packet crosses this chain; one comparison sends it on
+        // to the handshake chains (a set lookup per rule here cost bulk
+        // transfers several percent).
+        b.add(rule(
+            base.into(),
+            vec![
+                matches(meta(MetaKey::L4proto), Operator::EQ, s("tcp")),
+                Statement::Accept(None),
+            ],
+        ));
         let mut r = new_datagram();
-        r.push(Statement::Counter(Counter::Anonymous(None)));
-        r.push(Statement::Drop(None));
-        rule(r);
+        r.push(Statement::Jump(nftables::stmt::JumpTarget {
+            target: new.clone().into(),
+        }));
+        b.add(rule(base.into(), r));
     }
     b.to_nftables()
 }

@@ -172,7 +172,7 @@ fn udp_is_decided_by_kernel_sets_with_the_policy_semantics() {
     );
 
     // ... and counted the datagrams it dropped.
-    let chain = sh_out(&dns, &["nft", "list", "chain", "inet", "trireme", "input"]);
+    let chain = sh_out(&dns, &["nft", "list", "chain", "inet", "trireme", "in_new"]);
     let dropped: u64 = chain
         .split("counter packets ")
         .nth(1)
