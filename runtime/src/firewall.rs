@@ -9,6 +9,8 @@
 //!
 //! Per family, in the PU's namespace, chains `TRIREME-IN` (hooked first
 //! in INPUT) and `TRIREME-OUT` (first in OUTPUT):
+//! 0. a SYN (without ACK) clears both conntrack mark bits: a new
+//!    connection never inherits a mark from an older one on its tuple;
 //! 1. flows with the conntrack mark bit pass: the kernel carries them
 //!    (inbound, only segments without our marker option: a token that
 //!    arrives on a marked flow goes to NFQUEUE, after rules 2 and 3, to be
@@ -81,6 +83,15 @@ pub fn render(v6: bool, o: &Options) -> String {
     for (chain, lo) in [(CHAIN_IN, "-i lo"), (CHAIN_OUT, "-o lo")] {
         let r = |s: &mut String, rule: &str| *s += &format!("-A {chain} {rule}\n");
         let inbound = chain == CHAIN_IN;
+        // A SYN opens a new connection, whatever conntrack remembers of the
+        // tuple: an entry the kernel does not reset on a SYN (closed by a
+        // reset from the other side, or left while nothing tracked) would
+        // otherwise lend its mark to the new connection, and the SYN would
+        // pass with no token and no decision.
+        r(
+            &mut s,
+            &format!("-p tcp -m tcp --tcp-flags SYN,ACK SYN -j CONNMARK --set-xmark 0x0/{both:#x}"),
+        );
         // Authorized flows first: almost every packet stops at this rule.
         // Inbound, a segment carrying our marker option never takes it: a
         // token that arrives after the mark (the initiator's data that
@@ -329,18 +340,28 @@ mod tests {
             at(
                 "-A TRIREME-IN -p tcp -m tcp --tcp-flags SYN NONE ! --tcp-option 253 -m connmark --mark 0x20000000/0x20000000 -j ACCEPT"
             ),
-            3
+            4
         );
         assert_eq!(
             at(
                 "-A TRIREME-IN -p tcp -m tcp ! --tcp-option 253 -m connmark --mark 0x20000000/0x30000000 -j ACCEPT"
             ),
-            4
+            5
         );
         assert_eq!(
             at("-A TRIREME-IN ! -p tcp -m connmark --mark 0x20000000/0x20000000 -j ACCEPT"),
-            5
+            6
         );
+        // A SYN forgets any mark its tuple had, before any fast path.
+        for c in ["IN", "OUT"] {
+            assert!(
+                at(&format!(
+                    "-A TRIREME-{c} -p tcp -m tcp --tcp-flags SYN,ACK SYN -j CONNMARK --set-xmark 0x0/0x30000000"
+                )) < at(&format!(
+                    "-A TRIREME-{c} -m connmark --mark 0x20000000/0x20000000 -j ACCEPT"
+                ))
+            );
+        }
         let revoke = at("-A TRIREME-IN -m mark --mark 0x8000000/0x8000000 -j ACCEPT");
         // A token on a marked flow still reaches the queue (to be stripped
         // or refused), after the re-injection rules.

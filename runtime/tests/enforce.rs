@@ -681,3 +681,113 @@ fn a_stale_connection_at_the_server_does_not_block_port_reuse() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A new connection never inherits the conntrack mark of an older one on
+/// its tuple. Conntrack ignores a SYN that arrives on an entry it still
+/// believes established (here: the old connection's reset was not
+/// tracked), and keeps the entry, mark included; the SYN would then take
+/// the fast path without a decision. After a policy update that denies the
+/// peer, reusing the old connection's address and port must be denied.
+#[test]
+fn a_syn_never_inherits_the_mark_of_an_older_connection() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trinherit{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = psk(&dir, "psk.key", 6);
+    let t = beer("i", &k, &k);
+    serve(&t.be, t.be.ip4, 80);
+    // The client's reset reaches the server untracked: the server's socket
+    // goes, the conntrack entry stays established and marked.
+    let untracked_rst = |op: &str| {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &t.be.ns,
+            "iptables",
+            "-t",
+            "raw",
+            op,
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--sport",
+            "40125",
+            "--tcp-flags",
+            "RST",
+            "RST",
+            "-j",
+            "CT",
+            "--notrack",
+        ])
+    };
+    let client = || {
+        let script = format!(
+            "import socket, struct\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('{ext}', 40125))\n\
+             s.settimeout(3)\n\
+             try:\n    s.connect(('{be}', 80))\n\
+             except OSError:\n    print('refused'); raise SystemExit\n\
+             s.sendall(struct.pack('>Q', 64))\n\
+             got = b''\n\
+             while len(got) < 64:\n    got += s.recv(64 - len(got))\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
+             s.close()\n\
+             print('ok')\n",
+            ext = t.ext.ip4,
+            be = t.be.ip4,
+        );
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &t.ext.ns,
+                "/usr/bin/python3",
+                "-c",
+                &script,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    untracked_rst("-A");
+    assert_eq!(client(), "ok", "allowed by ipBlock");
+    untracked_rst("-D");
+    let entry = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.be.ns,
+            "ss",
+            "-tnH",
+            "state",
+            "established",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&entry.stdout).contains(":40125"),
+        "the server's socket is gone"
+    );
+
+    // The backend now admits no address block.
+    let rs = t.lab.dir.join("rs.bin");
+    let deny = POLICIES.replace("198.18.1.0/24, except: [198.18.1.31/32]", "198.18.9.0/24");
+    std::fs::copy(t.lab.compile("deny.bin", &deny), &rs).unwrap();
+    t.lab.signal(1, Signal::SIGHUP);
+    let t0 = std::time::Instant::now();
+    while t.lab.counter(1, "policy_updates") == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no reload");
+    }
+    assert_eq!(client(), "refused", "the same tuple, after the update");
+    assert!(
+        t.lab.counter(1, "ingress_denied_by_ip") >= 1,
+        "{}",
+        t.lab.stats(1)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
