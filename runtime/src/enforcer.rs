@@ -79,11 +79,18 @@ pub enum Verdict {
 }
 
 /// A verified peer's identity: the labels its token carries.
-fn identity_of(peer: &trireme_tokens::handshake::Peer) -> Identity {
-    peer.labels
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+fn identity_of(peer: &trireme_tokens::handshake::Peer) -> std::borrow::Cow<'_, Identity> {
+    let make = || -> Identity {
+        peer.labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    // Built once per verified token, which many connections share.
+    match peer.view.get_or_init(make) {
+        Some(id) => std::borrow::Cow::Borrowed(id),
+        None => std::borrow::Cow::Owned(make()),
+    }
 }
 
 /// A workload this node enforces for.
@@ -775,7 +782,7 @@ impl Enforcer {
                 port: key.local.port(),
                 protocol: Protocol::Tcp,
             },
-            Some(&peer),
+            Some(&*peer),
         ) {
             self.remember(
                 &mut lock(&self.flows),
@@ -910,7 +917,7 @@ impl Enforcer {
                         port: key.remote.port(),
                         protocol: Protocol::Tcp,
                     },
-                    Some(&peer),
+                    Some(&*peer),
                 ) {
                     lock(&self.flows).remove(&key);
                     return Verdict::Drop("egress_denied");

@@ -84,7 +84,41 @@ pub struct Peer {
     pub not_before: u64,
     /// min(token expiry, signer key expiry).
     pub expires: u64,
+    /// The embedder's own view of these labels, built once per verified
+    /// token (the engine caches `Peer`s by token) instead of once per
+    /// connection.
+    pub view: PeerView,
 }
+
+/// A slot for one value of the embedder's type, set at most once. Not part
+/// of the identity: equality and debug output ignore it.
+#[derive(Clone, Default)]
+pub struct PeerView(std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>);
+
+impl PeerView {
+    /// The value, built by `make` on first use; `None` if an earlier call
+    /// stored a value of another type.
+    pub fn get_or_init<T: std::any::Any + Send + Sync>(
+        &self,
+        make: impl FnOnce() -> T,
+    ) -> Option<&T> {
+        self.0.get_or_init(|| Arc::new(make())).downcast_ref()
+    }
+}
+
+impl std::fmt::Debug for PeerView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerView")
+    }
+}
+
+impl PartialEq for PeerView {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for PeerView {}
 
 /// A PU's signed identity, reused across connections until refresh time.
 #[derive(Debug, Clone)]
@@ -392,6 +426,7 @@ impl Engine {
             node: c.iss,
             not_before: c.nbf,
             expires: c.exp.min(key_expiry),
+            view: PeerView::default(),
         });
         check_times(peer.not_before, peer.expires, now, self.cfg.skew)?;
         lock(&self.verified).insert(*digest, peer.clone());

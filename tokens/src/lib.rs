@@ -16,6 +16,7 @@ pub mod wire;
 
 pub use error::{KeyError, TokenError};
 pub use handshake::{
-    AwaitAck, Config, Credentials, Engine, LocalToken, Peer, PkiCredentials, SynReceived, SynSent,
+    AwaitAck, Config, Credentials, Engine, LocalToken, Peer, PeerView, PkiCredentials, SynReceived,
+    SynSent,
 };
 pub use keys::{Ca, NodeKey, Psk, VerifiedKey};

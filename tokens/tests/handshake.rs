@@ -115,6 +115,41 @@ fn psk_round_trip() {
     assert_eq!(server.labels["app"], "server");
 }
 
+/// Connections that carry the same token share one verified `Peer`, so an
+/// enforcer's view of its labels (`Peer::view`) is built once, not per SYN.
+#[test]
+fn one_view_per_verified_token() {
+    let (a, b) = (
+        psk_engine("node-a", PSK, "td"),
+        psk_engine("node-b", PSK, "td"),
+    );
+    let t = now();
+    let la = a.local_token(&labels("client"), t).unwrap();
+    let built = std::sync::atomic::AtomicUsize::new(0);
+    let mut views = Vec::new();
+    for _ in 0..3 {
+        let (syn, _) = a.syn(&la, None, t);
+        let got = b.accept_syn(&syn, t).expect("SYN accepted");
+        let view = got.peer.view.get_or_init(|| {
+            built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            got.peer.labels.len()
+        });
+        assert_eq!(view, Some(&4));
+        views.push(got.peer.clone());
+    }
+    assert_eq!(built.into_inner(), 1);
+    // Another type in the same slot is refused, not confused.
+    assert_eq!(views[0].view.get_or_init(|| "other"), None);
+    // The view is no part of the identity.
+    assert_eq!(
+        *views[0],
+        Peer {
+            view: PeerView::default(),
+            ..(*views[1]).clone()
+        }
+    );
+}
+
 #[test]
 fn pki_round_trip_with_predistributed_certs() {
     let d = tmpdir("pki-certs");
