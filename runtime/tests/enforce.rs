@@ -587,6 +587,57 @@ fn by_default_each_cpu_has_its_queue_and_thread() {
     assert!(lab.log(i).contains("one per CPU"), "{}", lab.log(i));
 }
 
+/// One iptables rule added (`-A`) or deleted (`-D`) in `table`/`chain` of
+/// a test host's own namespace.
+fn host_rule(h: &Host, table: &str, op: &str, chain: &str, rule: &[&str]) {
+    let mut args = vec![
+        "ip", "netns", "exec", &h.ns, "iptables", "-t", table, op, chain,
+    ];
+    args.extend_from_slice(rule);
+    sh(&args);
+}
+
+/// One connection from `from`, bound to `port`, to `to`:80: a 64-byte
+/// exchange, then close (with a reset if `reset`). "ok", "refused" when the
+/// connection does not open, anything else on another failure.
+fn client_from_port(from: &Host, port: u16, to: &Host, reset: bool) -> String {
+    let script = format!(
+        "import socket, struct\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{from}', {port}))\n\
+         s.settimeout(4)\n\
+         try:\n    s.connect(('{to}', 80))\n\
+         except OSError:\n    print('refused'); raise SystemExit\n\
+         s.sendall(struct.pack('>Q', 64))\n\
+         got = b''\n\
+         while len(got) < 64:\n    got += s.recv(64 - len(got))\n\
+         if {reset}:\n    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
+         s.close()\n\
+         print('ok')\n",
+        from = from.ip4,
+        to = to.ip4,
+        reset = if reset { "True" } else { "False" }
+    );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &from.ns, "/usr/bin/python3", "-c", &script])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Whether `h` holds an established connection with local or remote `port`.
+fn holds_connection(h: &Host, port: u16) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &h.ns, "ss", "-tnH", "state", "established"])
+        .output()
+        .unwrap();
+    let port = format!(":{port}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .any(|w| w.ends_with(&port))
+}
+
 /// A client restarts and reuses its address and port while the server
 /// still holds the old connection (a pod's address recycled, a crashed
 /// process): the server's kernel answers the new SYN with a bare ACK, the
@@ -605,73 +656,31 @@ fn a_stale_connection_at_the_server_does_not_block_port_reuse() {
     serve(&t.be, t.be.ip4, 80);
     // The client's resets never leave (dropped after conntrack saw them),
     // so the server keeps its side of the first connection.
-    let rst = |op: &str| {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &t.fe.ns,
-            "iptables",
-            "-t",
-            "mangle",
-            op,
-            "POSTROUTING",
-            "-p",
-            "tcp",
-            "--sport",
-            "40123",
-            "--tcp-flags",
-            "RST",
-            "RST",
-            "-j",
-            "DROP",
-        ])
-    };
-    let client = |linger: bool| {
-        let script = format!(
-            "import socket, struct, sys\n\
-             s = socket.socket()\n\
-             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('{fe}', 40123))\n\
-             s.settimeout(5)\n\
-             s.connect(('{be}', 80))\n\
-             s.sendall(struct.pack('>Q', 64))\n\
-             got = b''\n\
-             while len(got) < 64:\n    got += s.recv(64 - len(got))\n\
-             if {linger}:\n    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
-             s.close()\n\
-             print('ok')\n",
-            fe = t.fe.ip4,
-            be = t.be.ip4,
-            linger = if linger { "True" } else { "False" }
-        );
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &t.fe.ns, "/usr/bin/python3", "-c", &script])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim() == "ok"
-    };
-    rst("-A");
-    assert!(client(true), "first connection");
-    rst("-D");
-    let server_side = || {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.be.ns,
-                "ss",
-                "-tnH",
-                "state",
-                "established",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).contains(":40123")
-    };
-    assert!(server_side(), "the server still holds the first connection");
+    let rst = [
+        "-p",
+        "tcp",
+        "--sport",
+        "40123",
+        "--tcp-flags",
+        "RST",
+        "RST",
+        "-j",
+        "DROP",
+    ];
+    host_rule(&t.fe, "mangle", "-A", "POSTROUTING", &rst);
+    assert_eq!(
+        client_from_port(&t.fe, 40123, &t.be, true),
+        "ok",
+        "first connection"
+    );
+    host_rule(&t.fe, "mangle", "-D", "POSTROUTING", &rst);
     assert!(
-        client(false),
+        holds_connection(&t.be, 40123),
+        "the server still holds the first connection"
+    );
+    assert_eq!(
+        client_from_port(&t.fe, 40123, &t.be, false),
+        "ok",
         "the same port again, while the server holds the old connection"
     );
     assert!(
@@ -700,77 +709,27 @@ fn a_syn_never_inherits_the_mark_of_an_older_connection() {
     serve(&t.be, t.be.ip4, 80);
     // The client's reset reaches the server untracked: the server's socket
     // goes, the conntrack entry stays established and marked.
-    let untracked_rst = |op: &str| {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &t.be.ns,
-            "iptables",
-            "-t",
-            "raw",
-            op,
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "--sport",
-            "40125",
-            "--tcp-flags",
-            "RST",
-            "RST",
-            "-j",
-            "CT",
-            "--notrack",
-        ])
-    };
-    let client = || {
-        let script = format!(
-            "import socket, struct\n\
-             s = socket.socket()\n\
-             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('{ext}', 40125))\n\
-             s.settimeout(3)\n\
-             try:\n    s.connect(('{be}', 80))\n\
-             except OSError:\n    print('refused'); raise SystemExit\n\
-             s.sendall(struct.pack('>Q', 64))\n\
-             got = b''\n\
-             while len(got) < 64:\n    got += s.recv(64 - len(got))\n\
-             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
-             s.close()\n\
-             print('ok')\n",
-            ext = t.ext.ip4,
-            be = t.be.ip4,
-        );
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &t.ext.ns,
-                "/usr/bin/python3",
-                "-c",
-                &script,
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    untracked_rst("-A");
-    assert_eq!(client(), "ok", "allowed by ipBlock");
-    untracked_rst("-D");
-    let entry = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.be.ns,
-            "ss",
-            "-tnH",
-            "state",
-            "established",
-        ])
-        .output()
-        .unwrap();
+    let untracked = [
+        "-p",
+        "tcp",
+        "--sport",
+        "40125",
+        "--tcp-flags",
+        "RST",
+        "RST",
+        "-j",
+        "CT",
+        "--notrack",
+    ];
+    host_rule(&t.be, "raw", "-A", "PREROUTING", &untracked);
+    assert_eq!(
+        client_from_port(&t.ext, 40125, &t.be, true),
+        "ok",
+        "allowed by ipBlock"
+    );
+    host_rule(&t.be, "raw", "-D", "PREROUTING", &untracked);
     assert!(
-        !String::from_utf8_lossy(&entry.stdout).contains(":40125"),
+        !holds_connection(&t.be, 40125),
         "the server's socket is gone"
     );
 
@@ -783,7 +742,11 @@ fn a_syn_never_inherits_the_mark_of_an_older_connection() {
     while t.lab.counter(1, "policy_updates") == 0 {
         assert!(t0.elapsed() < Duration::from_secs(5), "no reload");
     }
-    assert_eq!(client(), "refused", "the same tuple, after the update");
+    assert_eq!(
+        client_from_port(&t.ext, 40125, &t.be, true),
+        "refused",
+        "the same tuple, after the update"
+    );
     assert!(
         t.lab.counter(1, "ingress_denied_by_ip") >= 1,
         "{}",
