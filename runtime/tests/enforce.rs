@@ -754,3 +754,64 @@ fn a_syn_never_inherits_the_mark_of_an_older_connection() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The same on the initiator's side: a SYN leaving on a tuple whose old
+/// entry is still marked (egress once allowed by IP to a peer that does
+/// not enforce) must carry a token and meet the egress decision again.
+/// After an update that denies the PU all egress, reusing the tuple fails.
+#[test]
+fn an_outgoing_syn_never_inherits_the_mark_of_an_older_connection() {
+    if skip() {
+        return;
+    }
+    let (mut lab, web, i) = one_pu_node("o", "198.18.1.60", "");
+    let srv = lab.host("srv", "198.18.1.61", "fd00::1:61");
+    serve(&srv, srv.ip4, 80);
+    // The client's reset leaves untracked: the server's socket goes, the
+    // client's conntrack entry stays established and marked.
+    let untracked = [
+        "-p",
+        "tcp",
+        "--sport",
+        "40126",
+        "--tcp-flags",
+        "RST",
+        "RST",
+        "-j",
+        "CT",
+        "--notrack",
+    ];
+    host_rule(&web, "raw", "-A", "OUTPUT", &untracked);
+    assert_eq!(
+        client_from_port(&web, 40126, &srv, true),
+        "ok",
+        "egress allowed"
+    );
+    host_rule(&web, "raw", "-D", "OUTPUT", &untracked);
+    assert!(
+        !holds_connection(&srv, 40126),
+        "the server's socket is gone"
+    );
+
+    let deny = format!(
+        "{POLICIES}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: web-egress, namespace: beer}}\n\
+         spec:\n  podSelector: {{matchLabels: {{role: web}}}}\n  policyTypes: [Egress]\n"
+    );
+    std::fs::copy(lab.compile("deny.bin", &deny), lab.dir.join("rs.bin")).unwrap();
+    lab.signal(i, Signal::SIGHUP);
+    let t0 = std::time::Instant::now();
+    while lab.counter(i, "policy_updates") == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no reload");
+    }
+    assert_eq!(
+        client_from_port(&web, 40126, &srv, true),
+        "refused",
+        "the same tuple, after the update"
+    );
+    assert!(
+        lab.counter(i, "egress_denied_by_ip") >= 1,
+        "{}",
+        lab.stats(i)
+    );
+}
