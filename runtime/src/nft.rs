@@ -270,8 +270,8 @@ pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
             }),
         ));
         // Every TCP packet crosses this chain; one comparison sends it on
-        // to the handshake chains (a set lookup per rule here cost bulk
-        // transfers several percent).
+        // to the handshake chains instead of a set lookup in each of five
+        // rules.
         b.add(rule(
             base.into(),
             vec![

@@ -626,6 +626,35 @@ fn client_from_port(from: &Host, port: u16, to: &Host, reset: bool) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The rule (raw table, before conntrack) that lets a host's resets from
+/// `port` pass untracked: the peer's socket goes, the conntrack entry stays
+/// established, mark included.
+fn untracked_resets(port: &str) -> Vec<&str> {
+    vec![
+        "-p",
+        "tcp",
+        "--sport",
+        port,
+        "--tcp-flags",
+        "RST",
+        "RST",
+        "-j",
+        "CT",
+        "--notrack",
+    ]
+}
+
+/// Put `yaml` in force on runtime `i` (compile, replace its ruleset,
+/// SIGHUP) and wait until it has reloaded.
+fn update_policy(lab: &Lab, i: usize, yaml: &str) {
+    std::fs::copy(lab.compile("update.bin", yaml), lab.dir.join("rs.bin")).unwrap();
+    lab.signal(i, Signal::SIGHUP);
+    let t0 = std::time::Instant::now();
+    while lab.counter(i, "policy_updates") == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no reload");
+    }
+}
+
 /// Whether `h` holds an established connection with local or remote `port`.
 fn holds_connection(h: &Host, port: u16) -> bool {
     let out = std::process::Command::new("ip")
@@ -709,18 +738,7 @@ fn a_syn_never_inherits_the_mark_of_an_older_connection() {
     serve(&t.be, t.be.ip4, 80);
     // The client's reset reaches the server untracked: the server's socket
     // goes, the conntrack entry stays established and marked.
-    let untracked = [
-        "-p",
-        "tcp",
-        "--sport",
-        "40125",
-        "--tcp-flags",
-        "RST",
-        "RST",
-        "-j",
-        "CT",
-        "--notrack",
-    ];
+    let untracked = untracked_resets("40125");
     host_rule(&t.be, "raw", "-A", "PREROUTING", &untracked);
     assert_eq!(
         client_from_port(&t.ext, 40125, &t.be, true),
@@ -734,14 +752,8 @@ fn a_syn_never_inherits_the_mark_of_an_older_connection() {
     );
 
     // The backend now admits no address block.
-    let rs = t.lab.dir.join("rs.bin");
     let deny = POLICIES.replace("198.18.1.0/24, except: [198.18.1.31/32]", "198.18.9.0/24");
-    std::fs::copy(t.lab.compile("deny.bin", &deny), &rs).unwrap();
-    t.lab.signal(1, Signal::SIGHUP);
-    let t0 = std::time::Instant::now();
-    while t.lab.counter(1, "policy_updates") == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(5), "no reload");
-    }
+    update_policy(&t.lab, 1, &deny);
     assert_eq!(
         client_from_port(&t.ext, 40125, &t.be, true),
         "refused",
@@ -769,18 +781,7 @@ fn an_outgoing_syn_never_inherits_the_mark_of_an_older_connection() {
     serve(&srv, srv.ip4, 80);
     // The client's reset leaves untracked: the server's socket goes, the
     // client's conntrack entry stays established and marked.
-    let untracked = [
-        "-p",
-        "tcp",
-        "--sport",
-        "40126",
-        "--tcp-flags",
-        "RST",
-        "RST",
-        "-j",
-        "CT",
-        "--notrack",
-    ];
+    let untracked = untracked_resets("40126");
     host_rule(&web, "raw", "-A", "OUTPUT", &untracked);
     assert_eq!(
         client_from_port(&web, 40126, &srv, true),
@@ -798,12 +799,7 @@ fn an_outgoing_syn_never_inherits_the_mark_of_an_older_connection() {
          metadata: {{name: web-egress, namespace: beer}}\n\
          spec:\n  podSelector: {{matchLabels: {{role: web}}}}\n  policyTypes: [Egress]\n"
     );
-    std::fs::copy(lab.compile("deny.bin", &deny), lab.dir.join("rs.bin")).unwrap();
-    lab.signal(i, Signal::SIGHUP);
-    let t0 = std::time::Instant::now();
-    while lab.counter(i, "policy_updates") == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(5), "no reload");
-    }
+    update_policy(&lab, i, &deny);
     assert_eq!(
         client_from_port(&web, 40126, &srv, true),
         "refused",
