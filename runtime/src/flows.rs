@@ -5,6 +5,7 @@
 //! deadline; the table never grows past its capacity (the oldest entry is
 //! evicted, and counted), so a SYN flood costs bounded memory.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
@@ -41,13 +42,22 @@ impl std::hash::Hash for FlowKey {
 struct Slot<S> {
     state: S,
     deadline: u64,
-    /// Insertion stamp; the FIFO holds (key, stamp) and skips stale stamps.
+    /// Insertion stamp; the FIFO's records name one and skip stale ones.
     stamp: u64,
+}
+
+/// An insertion, oldest first. It carries the deadline so that the sweep
+/// on every insert reads the front record alone: looking the key up cost a
+/// (cold) hash and probe per handshake packet, for an entry rarely due.
+struct Record {
+    key: FlowKey,
+    stamp: u64,
+    deadline: u64,
 }
 
 pub struct FlowTable<S> {
     map: HashMap<FlowKey, Slot<S>>,
-    order: VecDeque<(FlowKey, u64)>,
+    order: VecDeque<Record>,
     capacity: usize,
     next: u64,
     pub evicted: u64,
@@ -74,23 +84,25 @@ impl<S> FlowTable<S> {
         self.map.is_empty()
     }
 
-    /// The live entry for `key` (an expired one counts as absent).
+    /// The live entry for `key` (an expired one counts as absent). One
+    /// lookup: every handshake packet makes one.
     pub fn get_mut(&mut self, key: &FlowKey, now: u64) -> Option<&mut S> {
-        match self.map.get(key) {
-            Some(s) if s.deadline <= now => {
-                self.map.remove(key);
+        match self.map.entry(*key) {
+            Entry::Occupied(e) if e.get().deadline <= now => {
+                e.remove();
                 self.expired += 1;
                 None
             }
-            Some(_) => self.map.get_mut(key).map(|s| &mut s.state),
-            None => None,
+            Entry::Occupied(e) => Some(&mut e.into_mut().state),
+            Entry::Vacant(_) => None,
         }
     }
 
     /// Insert or replace, with a fresh deadline.
     pub fn insert(&mut self, key: FlowKey, state: S, deadline: u64, now: u64) {
         self.sweep(now);
-        if !self.map.contains_key(&key) {
+        // Only a full table needs to know whether `key` is new.
+        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
             while self.map.len() >= self.capacity {
                 if !self.pop_oldest() {
                     break;
@@ -108,12 +120,16 @@ impl<S> FlowTable<S> {
                 stamp,
             },
         );
-        self.order.push_back((key, stamp));
+        self.order.push_back(Record {
+            key,
+            stamp,
+            deadline,
+        });
         // Replaced entries leave stale FIFO records; keep them bounded.
         if self.order.len() > 2 * self.capacity {
             let map = &self.map;
             self.order
-                .retain(|(k, st)| map.get(k).is_some_and(|s| s.stamp == *st));
+                .retain(|r| map.get(&r.key).is_some_and(|s| s.stamp == r.stamp));
         }
     }
 
@@ -122,27 +138,30 @@ impl<S> FlowTable<S> {
     }
 
     /// Drop expired entries from the old end (deadlines grow with stamps
-    /// for a fixed timeout, so the front is where they are).
+    /// for a fixed timeout, so the front is where they are). A record
+    /// whose deadline passed may be stale (its key was replaced or
+    /// removed since): only a matching stamp removes the entry.
     fn sweep(&mut self, now: u64) {
-        while let Some(&(k, st)) = self.order.front() {
-            match self.map.get(&k) {
-                Some(s) if s.stamp == st => {
-                    if s.deadline > now {
-                        break;
-                    }
-                    self.map.remove(&k);
-                    self.expired += 1;
-                }
-                _ => {}
+        while let Some(r) = self.order.front() {
+            if r.deadline > now {
+                break;
+            }
+            if let Entry::Occupied(e) = self.map.entry(r.key)
+                && e.get().stamp == r.stamp
+            {
+                e.remove();
+                self.expired += 1;
             }
             self.order.pop_front();
         }
     }
 
     fn pop_oldest(&mut self) -> bool {
-        while let Some((k, st)) = self.order.pop_front() {
-            if self.map.get(&k).is_some_and(|s| s.stamp == st) {
-                self.map.remove(&k);
+        while let Some(r) = self.order.pop_front() {
+            if let Entry::Occupied(e) = self.map.entry(r.key)
+                && e.get().stamp == r.stamp
+            {
+                e.remove();
                 return true;
             }
         }
@@ -185,6 +204,21 @@ mod tests {
         t.insert(key(3), 3, 40, 25);
         assert_eq!(t.len(), 1, "the sweep dropped key 2");
         assert_eq!(t.expired, 2);
+    }
+
+    #[test]
+    fn a_stale_record_never_expires_the_entry_that_replaced_it() {
+        let mut t = FlowTable::new(16);
+        t.insert(key(1), 1, 10, 0);
+        t.insert(key(1), 2, 100, 5);
+        t.insert(key(2), 3, 100, 50);
+        assert_eq!(t.expired, 0);
+        assert_eq!(t.get_mut(&key(1), 60), Some(&mut 2));
+        // Removed, then its record comes due: nothing to expire either.
+        t.remove(&key(2));
+        t.insert(key(3), 4, 300, 150);
+        assert_eq!(t.expired, 1, "only key 1 was due");
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

@@ -197,6 +197,7 @@ fn sweep(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
 }
 
 fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
+    trireme_tokens::handshake::prepare_thread();
     let spin = std::time::Duration::from_micros(w.spin_us);
     let mut last = std::time::Instant::now();
     let mut held: VecDeque<Held> = VecDeque::new();

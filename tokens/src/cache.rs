@@ -4,6 +4,7 @@
 
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
 use std::hash::Hash;
 
 pub struct Bounded<K, V> {
@@ -57,7 +58,11 @@ impl<K: Hash + Eq + Clone, V> Bounded<K, V> {
 /// them. A replay outside this memory still cannot complete a handshake: the
 /// ACK must be authenticated with a key the replayer does not have.
 pub struct ReplayGuard {
-    seen: HashMap<[u8; 16], u64>,
+    /// Keyed (SipHash, a random key per process): a nonce is the sender's
+    /// choice, and in PKI mode without `requireSynMac` a captured JWT lets
+    /// anyone send SYNs with nonces made to collide under an unkeyed hash,
+    /// turning every lookup into a scan of the table.
+    seen: std::collections::HashMap<[u8; 16], u64>,
     order: VecDeque<([u8; 16], u64)>,
     cap: usize,
     window: u64,
@@ -66,7 +71,7 @@ pub struct ReplayGuard {
 impl ReplayGuard {
     pub fn new(cap: usize, window: u64) -> Self {
         ReplayGuard {
-            seen: HashMap::default(),
+            seen: std::collections::HashMap::new(),
             order: VecDeque::new(),
             cap: cap.max(1),
             window,
@@ -80,16 +85,21 @@ impl ReplayGuard {
                 break;
             }
             self.order.pop_front();
-            if self.seen.get(&n) == Some(&t) {
-                self.seen.remove(&n);
+            if let Entry::Occupied(e) = self.seen.entry(n)
+                && *e.get() == t
+            {
+                e.remove();
             }
         }
-        if self.seen.contains_key(&nonce) {
-            return false;
+        // One lookup per SYN (each a cold probe in a live runtime).
+        match self.seen.entry(nonce) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(v) => {
+                v.insert(now);
+                self.order.push_back((nonce, now));
+                true
+            }
         }
-        self.seen.insert(nonce, now);
-        self.order.push_back((nonce, now));
-        true
     }
 }
 

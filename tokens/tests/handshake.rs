@@ -195,7 +195,7 @@ fn syn_parts(syn: &[u8]) -> (Vec<u8>, String) {
 
 /// Rebuild a SYN with another JWT (and no MAC / key token).
 fn syn_with_jwt(jwt: &str) -> Vec<u8> {
-    let b = wire::start(Kind::Syn, 0, &[7; 16], None);
+    let b = wire::start(Kind::Syn, 0, &[7; 16], None, 0);
     wire::finish(b, None, Some(jwt), None)
 }
 
@@ -215,7 +215,7 @@ fn tampered_labels_are_refused() {
     let forged = format!("{}.{}.{}", parts[0], B64.encode(forged), parts[2]);
     // Signed frame around the forged JWT: the signature must fail first.
     let f = wire::parse(&syn).unwrap();
-    let frame = wire::start(Kind::Syn, f.flags, &f.nonce, None);
+    let frame = wire::start(Kind::Syn, f.flags, &f.nonce, None, 0);
     let frame = wire::finish(frame, f.mac.as_ref().map(|m| &m[..]), Some(&forged), None);
     let e = b.accept_syn(&frame, t).unwrap_err();
     assert_eq!(e, TokenError::Signature);
@@ -405,7 +405,7 @@ fn oversized_truncated_and_garbage() {
         Err(TokenError::Oversized { .. })
     ));
     // A JWT field claiming more than the limit.
-    let mut f = wire::start(Kind::Syn, 0, &[1; 16], None);
+    let mut f = wire::start(Kind::Syn, 0, &[1; 16], None, 0);
     f.extend_from_slice(&(wire::MAX_JWT as u16 + 1).to_be_bytes());
     f.resize(f.len() + wire::MAX_JWT + 1, b'a');
     assert!(matches!(
