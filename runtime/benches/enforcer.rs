@@ -319,6 +319,37 @@ fn counters(l: &Lab, ia: usize, ib: usize) -> String {
     )
 }
 
+/// Userspace time per handshake packet in the live runtimes of a phase
+/// (their own counters: cold caches, every packet after a wake-up), µs on
+/// average by kind, and per connection for both nodes together.
+fn live_times(l: &Lab, ia: usize, ib: usize) -> String {
+    let get =
+        |i: usize| -> serde_json::Value { serde_json::from_str(&l.stats(i)).unwrap_or_default() };
+    let (a, b) = (get(ia), get(ib));
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let mut out = Vec::new();
+    let mut total = 0;
+    for (v, kind, label) in [
+        (&a, "syn_out", "SYN out"),
+        (&b, "syn_in", "SYN in"),
+        (&b, "synack_out", "SYN-ACK out"),
+        (&a, "synack_in", "SYN-ACK in"),
+        (&a, "ack_out", "ACK out"),
+        (&b, "ack_in", "ACK in"),
+    ] {
+        let count = n(v, &format!("handled_{kind}")).max(1);
+        let ns = n(v, &format!("handled_{kind}_ns"));
+        total += ns;
+        out.push(format!("{label} {:.2}", ns as f64 / count as f64 / 1000.0));
+    }
+    let conns = n(&a, "handled_syn_out").max(1);
+    format!(
+        "{} µs; {:.1} µs per connection, both nodes",
+        out.join(", "),
+        total as f64 / conns as f64 / 1000.0
+    )
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -454,6 +485,7 @@ fn datapath() {
     let ib = l.start("psk-b", &cfg("node-b", &psk_keys, pu("b", &b)));
     let with_psk = measure(&a, &b);
     let psk_counters = counters(&l, ia, ib);
+    let psk_live = live_times(&l, ia, ib);
     l.kill(ia);
     l.kill(ib);
     // The same with one unpinned queue per PU (`fanout: flow`, the design
@@ -470,6 +502,7 @@ fn datapath() {
     let with_pki = measure(&a, &b);
     let rss_one = rss_kib(l.runtimes[ib].pid());
     let pki_counters = counters(&l, ia, ib);
+    let pki_live = live_times(&l, ia, ib);
     l.kill(ia);
     l.kill(ib);
     // Bulk again, alternating: one transfer moves ±10 % from the next on
@@ -483,20 +516,33 @@ fn datapath() {
             trireme_runtime::nft::remove(&h.path()).unwrap();
         }
     };
+    // Setup latency in the same rounds: the phases above are minutes
+    // apart, and this VM's latency drifts by tens of µs over minutes.
     let to = SocketAddr::new(b.ip4, 80);
+    let setup_p50 = |warm: usize| {
+        setup_latency(&a, to, warm);
+        let mut v = setup_latency(&a, to, 1000);
+        pct(&mut v, 0.5)
+    };
     let mut ratios = Vec::new();
+    let mut overheads = Vec::new();
     for _ in 0..ROUNDS {
         clear();
+        let plain_setup = setup_p50(50);
         let plain = (0..2).map(|_| bulk(&a, to, 1 << 30)).fold(0.0, f64::max);
         let ia = l.start("bulk-a", &cfg("node-a", &psk_keys, pu("a", &a)));
         let ib = l.start("bulk-b", &cfg("node-b", &psk_keys, pu("b", &b)));
+        let psk_setup = setup_p50(50);
         let enforced = (0..2).map(|_| bulk(&a, to, 1 << 30)).fold(0.0, f64::max);
         l.kill(ia);
         l.kill(ib);
         ratios.push(100.0 * enforced / plain);
+        overheads.push(psk_setup - plain_setup);
     }
     let bulk_median = pct(&mut ratios, 0.5);
     let bulk_spread = (ratios[0], ratios[ratios.len() - 1]);
+    let setup_median = pct(&mut overheads, 0.5);
+    let setup_spread = (overheads[0], overheads[overheads.len() - 1]);
 
     // Connection tracking alone: what any conntrack-mark fast path pays
     // per packet (the baseline namespaces track nothing). Last, because
@@ -564,6 +610,13 @@ fn datapath() {
     println!(
         "bulk, {ROUNDS} alternating rounds (baseline, then PSK with fresh runtimes; best of two 1 GiB transfers each): PSK at {bulk_median:.0}% of baseline (median; rounds {:.0}% to {:.0}%)",
         bulk_spread.0, bulk_spread.1
+    );
+    println!(
+        "setup, the same {ROUNDS} rounds (1,000 connections per mode each): PSK overhead p50 {setup_median:+.1} µs (median; rounds {:+.1} to {:+.1} µs)",
+        setup_spread.0, setup_spread.1
+    );
+    println!(
+        "userspace time per handshake packet, live (the runtimes' counters, crypto included): PSK {psk_live}; PKI {pki_live}"
     );
     println!(
         "conntrack: connection tracking in both namespaces (one rule accepting established flows), no queue"

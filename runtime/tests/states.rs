@@ -111,6 +111,23 @@ fn full_handshake_authorizes_both_sides_and_restores_packets() {
     // A segment queued behind the ACK before the mark took effect passes.
     let data = tcp(A, 40000, B, 80, "A", 2);
     assert_eq!(b.handle(0, Hook::In, &data, NOW), Verdict::Authorize(None));
+    // Each kind of packet is counted, with the time spent on it.
+    for (node, kind, n) in [
+        (&a, "syn_out", 1),
+        (&b, "syn_in", 1),
+        (&b, "synack_out", 1),
+        (&a, "synack_in", 1),
+        (&a, "ack_out", 1),
+        (&b, "ack_in", 2),
+    ] {
+        let count = node.counters.get(&format!("handled_{kind}"));
+        assert_eq!(count, n, "{kind}");
+        assert!(
+            node.counters.get(&format!("handled_{kind}_ns")) > 0,
+            "{kind}"
+        );
+    }
+    assert_eq!(a.counters.get("handled_syn_in"), 0);
 }
 
 #[test]
