@@ -73,6 +73,9 @@ pub fn spawn(
         .spawn(move || {
             let mut q = match open(&w) {
                 Ok(q) => {
+                    // Before the node reports ready: the first draw of a
+                    // process seeds the DRBG (~30 ms of CPU jitter here).
+                    trireme_tokens::handshake::prepare_thread();
                     let _ = tx.send(Ok(()));
                     q
                 }
@@ -197,7 +200,6 @@ fn sweep(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
 }
 
 fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
-    trireme_tokens::handshake::prepare_thread();
     let spin = std::time::Duration::from_micros(w.spin_us);
     let mut last = std::time::Instant::now();
     let mut held: VecDeque<Held> = VecDeque::new();

@@ -230,8 +230,8 @@ thread_local! {
 
 /// Fill this thread's nonce pool now, so that its first handshake does not
 /// pay for it. The first draw in a process also seeds the DRBG, which
-/// gathers CPU-jitter entropy for milliseconds: a node's queue threads call
-/// this before they serve.
+/// gathers CPU-jitter entropy (about 30 ms here): a node's queue threads
+/// call this before the node reports ready.
 pub fn prepare_thread() {
     NONCES.with(|p| p.borrow_mut().refill_if_empty());
 }
