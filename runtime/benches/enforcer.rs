@@ -301,14 +301,21 @@ fn measure(a: &Host, b: &Host) -> Figures {
     }
 }
 
+/// A runtime's stats file, parsed (empty if unreadable).
+fn stats(l: &Lab, i: usize) -> serde_json::Value {
+    serde_json::from_str(&l.stats(i)).unwrap_or_default()
+}
+
+/// One counter of a stats file (0 if absent).
+fn n(v: &serde_json::Value, k: &str) -> u64 {
+    v.get(k).and_then(|x| x.as_u64()).unwrap_or(0)
+}
+
 /// The handshake counters of both runtimes after a phase: how often the
 /// responder held an overtaking segment, and whether any ACK was lost.
 fn counters(l: &Lab, ia: usize, ib: usize) -> String {
     std::thread::sleep(Duration::from_millis(600));
-    let get =
-        |i: usize| -> serde_json::Value { serde_json::from_str(&l.stats(i)).unwrap_or_default() };
-    let (a, b) = (get(ia), get(ib));
-    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let (a, b) = (stats(l, ia), stats(l, ib));
     format!(
         "initiator: authorized {}, revoked {}, ack_resent {}; responder: authorized {}, held {}, released {}, ack_without_token {}, dropped {}",
         n(&a, "authorized"),
@@ -326,10 +333,7 @@ fn counters(l: &Lab, ia: usize, ib: usize) -> String {
 /// (their own counters: cold caches, every packet after a wake-up), µs on
 /// average by kind, and per connection for both nodes together.
 fn live_times(l: &Lab, ia: usize, ib: usize) -> String {
-    let get =
-        |i: usize| -> serde_json::Value { serde_json::from_str(&l.stats(i)).unwrap_or_default() };
-    let (a, b) = (get(ia), get(ib));
-    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let (a, b) = (stats(l, ia), stats(l, ib));
     let mut out = Vec::new();
     let mut total = 0;
     for (v, kind, label) in [

@@ -59,7 +59,7 @@ impl<K: Hash + Eq + Clone, V> Bounded<K, V> {
 /// ACK must be authenticated with a key the replayer does not have.
 pub struct ReplayGuard {
     /// Keyed (SipHash, a random key per process): a nonce is the sender's
-    /// choice, and in PKI mode without `requireSynMac` a captured JWT lets
+    /// choice, and in PKI mode without `require_syn_mac` a captured JWT lets
     /// anyone send SYNs with nonces made to collide under an unkeyed hash,
     /// turning every lookup into a scan of the table.
     seen: std::collections::HashMap<[u8; 16], u64>,

@@ -152,7 +152,8 @@ pub fn start(
     peer_nonce: Option<&[u8; NONCE]>,
     tail: usize,
 ) -> Vec<u8> {
-    let mut b = Vec::with_capacity(4 + 2 * NONCE + tail);
+    let nonces = NONCE + peer_nonce.map_or(0, |_| NONCE);
+    let mut b = Vec::with_capacity(4 + nonces + tail);
     b.extend_from_slice(&[VERSION, kind as u8, flags, 0]);
     b.extend_from_slice(nonce);
     if let Some(p) = peer_nonce {
