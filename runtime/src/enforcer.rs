@@ -675,7 +675,7 @@ impl Enforcer {
         }
         // Live time per kind of packet, for operators and the benchmark:
         // a warm benchmark loop says little about a runtime whose caches
-        // are cold after every wake-up (two clock reads, ~50 ns).
+        // are cold after every wake-up (two clock reads per packet).
         let t0 = std::time::Instant::now();
         let (v, [count, ns]) = match (hook, syn, ack) {
             (Hook::Out, true, false) => (
