@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
 # TRIREME_DEMO_PROFILE=dev (the test command) reuses the test build
 # instead of compiling everything again with optimizations.
 profile="${TRIREME_DEMO_PROFILE:-release}"

@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
 # Installs what the build and tests need on a fresh machine. Idempotent.
 set -euo pipefail
+# Rust itself, through rustup, when the machine has none (the callers put
+# ~/.cargo/bin on PATH after this script).
+export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null; then
-  echo "setup: cargo not found; install Rust (rustup) first" >&2
-  exit 1
+  if ! command -v curl >/dev/null; then
+    if command -v apt-get >/dev/null; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl ca-certificates
+    else
+      echo "setup: cargo not found and no curl to fetch rustup; install Rust first" >&2
+      exit 1
+    fi
+  fi
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+    sh -s -- -y --profile minimal --default-toolchain stable || {
+    echo "setup: could not install Rust with rustup (no network?); install it first" >&2
+    exit 1
+  }
 fi
 for comp in rustfmt clippy; do
   if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then

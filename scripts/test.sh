@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
 # A one-shot build gains nothing from incremental state, which is a tenth of
 # target/ (and CI machines can be short of disk). Set it to 1 to keep it.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
