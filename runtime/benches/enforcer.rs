@@ -414,16 +414,10 @@ fn floor(netns: &str) -> ! {
     )
     .unwrap();
     for cpu in 0..cpus {
-        let w = trireme_runtime::queue::Worker {
-            pu: 0,
-            netns: netns.into(),
-            queue: cpu as u16,
-            max_len: 4096,
-            spin_us: 0,
-            cpus: vec![cpu],
-        };
+        let netns = std::path::PathBuf::from(netns);
         std::thread::spawn(move || {
-            let mut q = trireme_runtime::queue::open(&w).unwrap();
+            trireme_runtime::queue::pin(&[cpu]).unwrap();
+            let (mut q, _) = trireme_runtime::queue::open(&netns, cpu as u16, 4096).unwrap();
             loop {
                 let Ok(mut m) = q.recv() else { continue };
                 let p = m.get_payload();

@@ -128,7 +128,8 @@ pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
     .map(|e| e.with_nodes(nodes))
 }
 
-/// Program every PU namespace and start its queue workers.
+/// Start the queue workers (one per queue number, each serving every PU),
+/// then program every PU namespace.
 pub fn start(
     cfg: &Config,
     enforcer: &Arc<Enforcer>,
@@ -141,23 +142,27 @@ pub fn start(
         cpu_fanout: cfg.fanout == Fanout::Cpu,
         fail_open: cfg.fail_open,
     };
+    // Queues first: rules that queue to nobody would drop every new
+    // connection of the PU until the workers are up.
+    let pus: Vec<_> = cfg
+        .pus
+        .iter()
+        .enumerate()
+        .map(|(i, pu)| (i, pu.netns_path()))
+        .collect();
     let mut handles = Vec::new();
-    for (i, pu) in cfg.pus.iter().enumerate() {
-        let netns = pu.netns_path();
-        // Queues first: rules that queue to nobody would drop every new
-        // connection of the PU until the workers are up.
-        for q in &plan {
-            let w = queue::Worker {
-                pu: i,
-                netns: netns.clone(),
-                queue: q.queue,
-                max_len: 4096,
-                spin_us: cfg.spin_micros,
-                cpus: q.cpus.clone(),
-            };
-            handles.push(queue::spawn(w, enforcer.clone(), stop.clone())?);
-        }
-        firewall::apply(&netns, &opts).map_err(|e| format!("pu {}: {e}", pu.name))?;
+    for q in &plan {
+        let w = queue::Worker {
+            pus: pus.clone(),
+            queue: q.queue,
+            max_len: 4096,
+            spin_us: cfg.spin_micros,
+            cpus: q.cpus.clone(),
+        };
+        handles.push(queue::spawn(w, enforcer.clone(), stop.clone())?);
+    }
+    for (pu, (_, netns)) in cfg.pus.iter().zip(&pus) {
+        firewall::apply(netns, &opts).map_err(|e| format!("pu {}: {e}", pu.name))?;
     }
     learn_local_ips(cfg, enforcer)?;
     datagram_tables(cfg, enforcer, &enforcer.policy())?;

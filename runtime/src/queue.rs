@@ -1,16 +1,19 @@
-//! NFQUEUE workers: one OS thread per (PU namespace, queue number), each
-//! entering the PU's network namespace with `setns` before it opens its
-//! netlink socket, so that the socket (and the queue it binds) belong to
-//! that namespace. Never run on an async executor: `setns` changes the
-//! calling thread, and `recv` blocks.
+//! NFQUEUE workers: one OS thread per queue number (one per CPU by
+//! default), serving that queue in every PU's network namespace. It enters
+//! each namespace with `setns` before it opens that PU's netlink socket, so
+//! that the socket (and the queue it binds) belong to the namespace; then
+//! it polls them all with epoll. Never run on an async executor: `setns`
+//! changes the calling thread, and the poll blocks.
 
 use crate::enforcer::{Enforcer, Hook, Verdict};
 use crate::firewall::{AUTH_MARK, PROVISIONAL_MARK, REVOKE_MARK};
 use crate::flows::FlowKey;
 use nfq::{Queue, Verdict as NfVerdict};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::path::PathBuf;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -23,7 +26,7 @@ const HOLD: std::time::Duration = std::time::Duration::from_millis(1000);
 /// node as a whole holds at most `Enforcer::HOLD_MAX`: a held message
 /// keeps its receive buffer, about 72 KiB, alive.)
 const HOLD_MAX: usize = 32;
-/// How often a queue with held segments looks at whether their flow was
+/// How often a worker with held segments looks at whether their flow was
 /// authorized (on another queue) or their deadline passed.
 const HOLD_POLL: std::time::Duration = std::time::Duration::from_micros(200);
 
@@ -38,9 +41,14 @@ struct Held {
 const NF_INET_LOCAL_IN: u8 = 1;
 const NF_INET_LOCAL_OUT: u8 = 3;
 
+/// One worker thread: queue number `queue` in every PU's namespace, all
+/// polled by this one thread. Threads are bounded by CPUs (or `queues`),
+/// not by PUs × CPUs; and a handshake between two PUs of this node runs
+/// on one thread, its packets handed from one PU's queue to the other's
+/// without a sleep or a switch between threads.
 pub struct Worker {
-    pub pu: usize,
-    pub netns: PathBuf,
+    /// (PU index, its network namespace), in the node's PU order.
+    pub pus: Vec<(usize, PathBuf)>,
     pub queue: u16,
     /// Kernel queue length; packets beyond it are dropped (fail-closed).
     pub max_len: u32,
@@ -59,32 +67,53 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Start a worker; returns once its queue is bound (or failed to bind),
-/// so that the caller can report a setup error instead of a silent hole.
+/// Start a worker; returns once all its queues are bound (or one failed
+/// to bind), so that the caller can report a setup error instead of a
+/// silent hole.
 pub fn spawn(
     w: Worker,
     enforcer: Arc<Enforcer>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
     let (tx, rx) = mpsc::channel::<Result<(), String>>();
-    let name = format!("nfq-{}-{}", w.pu, w.queue);
+    let name = format!("nfq-{}", w.queue);
     let handle = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            let mut q = match open(&w) {
-                Ok(q) => {
+            let opened = pin(&w.cpus).and_then(|()| {
+                w.pus
+                    .iter()
+                    .map(|(pu, netns)| {
+                        open(netns, w.queue, w.max_len).map(|(q, fd)| Source {
+                            pu: *pu,
+                            q,
+                            fd,
+                            held: VecDeque::new(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            });
+            let mut sources = match opened {
+                Ok(s) => {
                     // Before the node reports ready: the first draw of a
                     // process seeds the DRBG (~30 ms of CPU jitter here).
                     trireme_tokens::handshake::prepare_thread();
-                    let _ = tx.send(Ok(()));
-                    q
+                    s
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
                     return;
                 }
             };
-            serve(&mut q, &w, &enforcer, &stop);
+            let ep = match poller(&mut sources) {
+                Ok(ep) => ep,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("queue {}: epoll: {e}", w.queue)));
+                    return;
+                }
+            };
+            let _ = tx.send(Ok(()));
+            serve(&mut sources, &ep, &w, &enforcer, &stop);
         })
         .map_err(|e| e.to_string())?;
     match rx.recv() {
@@ -94,76 +123,125 @@ pub fn spawn(
     }
 }
 
-/// Pin the calling thread to the worker's CPUs, enter its namespace and
-/// bind its queue. Public so that the benchmark's floor opens its queues
-/// exactly as the workers do.
-pub fn open(w: &Worker) -> Result<Queue, String> {
-    let ctx = |what: &str, e: &dyn std::fmt::Display| {
-        format!("queue {} in {}: {what}: {e}", w.queue, w.netns.display())
-    };
-    if !w.cpus.is_empty() {
-        let mut set = nix::sched::CpuSet::new();
-        for c in &w.cpus {
-            set.set(*c).map_err(|e| ctx(&format!("cpu {c}"), &e))?;
-        }
-        // This thread only (pid 0): the runtime's other threads stay free.
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-            .map_err(|e| ctx(&format!("cpus {:?}", w.cpus), &e))?;
+/// Pin the calling thread to `cpus` (none: leave it free). This thread
+/// only: the runtime's other threads stay free.
+pub fn pin(cpus: &[usize]) -> Result<(), String> {
+    if cpus.is_empty() {
+        return Ok(());
     }
-    let f = File::open(&w.netns).map_err(|e| ctx("open netns", &e))?;
+    let mut set = nix::sched::CpuSet::new();
+    for c in cpus {
+        set.set(*c).map_err(|e| format!("cpu {c}: {e}"))?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|e| format!("cpus {cpus:?}: {e}"))
+}
+
+/// Serializes `open`: the socket a new queue got is found as the one
+/// netfilter netlink socket that was not there before, which holds only
+/// while no other thread opens one.
+static OPENING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// This process's NETLINK_NETFILTER sockets.
+fn netfilter_sockets() -> std::io::Result<Vec<RawFd>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = e?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        else {
+            continue;
+        };
+        let opt = |name| {
+            let mut val: nix::libc::c_int = 0;
+            let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+            // SAFETY: an int-sized option into an int; a closed or
+            // non-socket fd only makes the call fail.
+            let r = unsafe {
+                nix::libc::getsockopt(
+                    fd,
+                    nix::libc::SOL_SOCKET,
+                    name,
+                    &mut val as *mut _ as *mut nix::libc::c_void,
+                    &mut len,
+                )
+            };
+            (r == 0).then_some(val)
+        };
+        if opt(nix::libc::SO_DOMAIN) == Some(nix::libc::AF_NETLINK)
+            && opt(nix::libc::SO_PROTOCOL) == Some(nix::libc::NETLINK_NETFILTER)
+        {
+            v.push(fd);
+        }
+    }
+    Ok(v)
+}
+
+/// Enter `netns` and bind queue `queue` there; returns the queue and its
+/// socket (for epoll: the `nfq` crate does not expose it). The socket
+/// stays in the namespace it was opened in whatever the thread enters
+/// next. Public so that the benchmark's floor opens its queues exactly as
+/// the workers do.
+pub fn open(netns: &Path, queue: u16, max_len: u32) -> Result<(Queue, RawFd), String> {
+    let ctx = |what: &str, e: &dyn std::fmt::Display| {
+        format!("queue {queue} in {}: {what}: {e}", netns.display())
+    };
+    let f = File::open(netns).map_err(|e| ctx("open netns", &e))?;
     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| ctx("setns", &e))?;
-    let mut q = Queue::open().map_err(|e| ctx("open", &e))?;
-    q.bind(w.queue).map_err(|e| ctx("bind", &e))?;
-    q.set_queue_max_len(w.queue, w.max_len)
+    let (mut q, fd) = {
+        let _one = OPENING.lock().unwrap_or_else(|p| p.into_inner());
+        let before = netfilter_sockets().map_err(|e| ctx("list sockets", &e))?;
+        let q = Queue::open().map_err(|e| ctx("open", &e))?;
+        let new: Vec<RawFd> = netfilter_sockets()
+            .map_err(|e| ctx("list sockets", &e))?
+            .into_iter()
+            .filter(|fd| !before.contains(fd))
+            .collect();
+        match new[..] {
+            [fd] => (q, fd),
+            _ => {
+                return Err(ctx(
+                    "find its socket",
+                    &format!("{} new sockets", new.len()),
+                ));
+            }
+        }
+    };
+    q.bind(queue).map_err(|e| ctx("bind", &e))?;
+    q.set_queue_max_len(queue, max_len)
         .map_err(|e| ctx("max len", &e))?;
     // Whole packets: we rewrite them.
-    q.set_copy_range(w.queue, 0xffff)
+    q.set_copy_range(queue, 0xffff)
         .map_err(|e| ctx("copy range", &e))?;
-    Ok(q)
+    Ok((q, fd))
 }
 
-/// The next message: busy-poll until `spin` after the last packet, then block.
-fn recv(
-    q: &mut Queue,
-    last: std::time::Instant,
-    spin: std::time::Duration,
-) -> std::io::Result<nfq::Message> {
-    if !spin.is_zero() {
-        q.set_nonblocking(true);
-        while last.elapsed() < spin {
-            match q.recv() {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
-                other => {
-                    q.set_nonblocking(false);
-                    return other;
-                }
-            }
-        }
-        q.set_nonblocking(false);
+/// One PU's queue in a worker, with the segments it holds.
+struct Source {
+    pu: usize,
+    q: Queue,
+    fd: RawFd,
+    held: VecDeque<Held>,
+}
+
+/// An epoll set over the sources' sockets (level-triggered: a socket
+/// left with packets after a batch is reported again).
+fn poller(sources: &mut [Source]) -> nix::Result<Epoll> {
+    let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    for (i, s) in sources.iter_mut().enumerate() {
+        s.q.set_nonblocking(true);
+        // SAFETY: the socket is owned by `s.q`, which outlives the epoll
+        // set (both live until the worker returns).
+        let fd = unsafe { BorrowedFd::borrow_raw(s.fd) };
+        ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
     }
-    q.recv()
+    Ok(ep)
 }
 
-/// The next message, or `None` after `HOLD_POLL` (the socket has no
-/// receive timeout in nfq 0.2, so this polls; it only runs while a segment
-/// is held, which is rare and short).
-fn recv_poll(q: &mut Queue) -> std::io::Result<Option<nfq::Message>> {
-    q.set_nonblocking(true);
-    let until = std::time::Instant::now() + HOLD_POLL;
-    let r = loop {
-        match q.recv() {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if std::time::Instant::now() >= until {
-                    break Ok(None);
-                }
-                std::thread::sleep(HOLD_POLL / 4);
-            }
-            other => break other.map(Some),
-        }
-    };
-    q.set_nonblocking(false);
-    r
-}
+/// Packets taken from one queue before looking at the others: a flood
+/// on one PU delays the others' handshakes by at most one batch.
+const BATCH: usize = 64;
 
 fn verdict(q: &mut Queue, msg: nfq::Message, enforcer: &Enforcer) {
     if q.verdict(msg).is_err() {
@@ -175,17 +253,17 @@ fn verdict(q: &mut Queue, msg: nfq::Message, enforcer: &Enforcer) {
 /// (by this queue's verdict on the token ACK, or by another queue's: with
 /// CPU fanout a flow's packets meet different queues); drop those whose
 /// flow was not authorized in time.
-fn sweep(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
+fn sweep(s: &mut Source, enforcer: &Enforcer) {
     let now = std::time::Instant::now();
     let now_ms = now_ms();
     let mut i = 0;
-    while i < held.len() {
-        let ok = enforcer.authorized(&held[i].key, now_ms);
-        if !ok && held[i].deadline > now {
+    while i < s.held.len() {
+        let ok = enforcer.authorized(&s.held[i].key, now_ms);
+        if !ok && s.held[i].deadline > now {
             i += 1;
             continue;
         }
-        let Some(mut h) = held.remove(i) else { break };
+        let Some(mut h) = s.held.remove(i) else { break };
         if ok {
             h.msg.set_verdict(NfVerdict::Accept);
             enforcer.counters.inc("released");
@@ -194,35 +272,83 @@ fn sweep(q: &mut Queue, held: &mut VecDeque<Held>, enforcer: &Enforcer) {
             enforcer.counters.inc("dropped");
             enforcer.counters.inc("ack_without_token");
         }
-        verdict(q, h.msg, enforcer);
+        verdict(&mut s.q, h.msg, enforcer);
         enforcer.unhold();
     }
 }
 
-fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
+fn serve(sources: &mut [Source], ep: &Epoll, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
     let spin = std::time::Duration::from_micros(w.spin_us);
     let mut last = std::time::Instant::now();
-    let mut held: VecDeque<Held> = VecDeque::new();
+    let mut events = vec![EpollEvent::empty(); sources.len().clamp(1, 256)];
+    // Sources whose last batch ended full: their socket (or the crate's
+    // buffer) may still hold packets that epoll would not report.
+    let mut more = vec![false; sources.len()];
+    // The round in which each source was last served.
+    let (mut served, mut round) = (vec![0u64; sources.len()], 0u64);
     while !stop.load(Ordering::Relaxed) {
-        let next = if held.is_empty() {
-            recv(q, last, spin).map(Some)
+        let holding = sources.iter().any(|s| !s.held.is_empty());
+        let pending = more.iter().any(|m| *m);
+        let timeout = if holding || pending || last.elapsed() < spin {
+            EpollTimeout::ZERO
         } else {
-            sweep(q, &mut held, enforcer);
-            recv_poll(q)
+            EpollTimeout::NONE
         };
-        let mut msg = match next {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+        let n = match ep.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 enforcer.counters.inc("queue_recv_errors");
-                eprintln!(
-                    "trireme-runtime: queue {} in {}: {e}",
-                    w.queue,
-                    w.netns.display()
-                );
+                eprintln!("trireme-runtime: queue {}: epoll: {e}", w.queue);
                 std::thread::sleep(std::time::Duration::from_millis(10));
                 continue;
+            }
+        };
+        round += 1;
+        let mut run = |i: usize, more: &mut [bool], served: &mut [u64]| {
+            served[i] = round;
+            let got = drain(&mut sources[i], w, enforcer);
+            more[i] = got == BATCH;
+            if got > 0 {
+                last = std::time::Instant::now();
+            }
+        };
+        for e in &events[..n] {
+            run(e.data() as usize, &mut more, &mut served);
+        }
+        for i in 0..more.len() {
+            if more[i] && served[i] != round {
+                run(i, &mut more, &mut served);
+            }
+        }
+        if holding {
+            for s in sources.iter_mut().filter(|s| !s.held.is_empty()) {
+                sweep(s, enforcer);
+            }
+            if n == 0 && !pending {
+                // Nothing arrived: look again in a while (held segments
+                // are rare and short-lived; this wait is not on the
+                // common path).
+                std::thread::sleep(HOLD_POLL / 4);
+            }
+        }
+    }
+}
+
+/// Handle up to `BATCH` packets of one queue; returns how many.
+fn drain(s: &mut Source, w: &Worker, enforcer: &Enforcer) -> usize {
+    for done in 0..BATCH {
+        let mut msg = match s.q.recv() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return done,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return done,
+            Err(e) => {
+                enforcer.counters.inc("queue_recv_errors");
+                eprintln!("trireme-runtime: queue {} of pu {}: {e}", w.queue, s.pu);
+                // A socket that keeps failing must not spin this thread
+                // (nor flood the log).
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                return done;
             }
         };
         let hook = match msg.get_hook() {
@@ -231,12 +357,11 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
             _ => {
                 msg.set_verdict(NfVerdict::Drop);
                 enforcer.counters.inc("unexpected_hook");
-                let _ = q.verdict(msg);
+                verdict(&mut s.q, msg, enforcer);
                 continue;
             }
         };
-        let v = enforcer.handle(w.pu, hook, msg.get_payload(), now_ms());
-        last = std::time::Instant::now();
+        let v = enforcer.handle(s.pu, hook, msg.get_payload(), now_ms());
         let authorized = matches!(v, Verdict::Authorize(_));
         match v {
             Verdict::Accept => msg.set_verdict(NfVerdict::Accept),
@@ -264,12 +389,12 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
                 msg.set_verdict(NfVerdict::Repeat);
             }
             Verdict::Hold(key) => {
-                if held.len() < HOLD_MAX && enforcer.try_hold() {
+                if s.held.len() < HOLD_MAX && enforcer.try_hold() {
                     enforcer.counters.inc("held");
-                    held.push_back(Held {
+                    s.held.push_back(Held {
                         key,
                         msg,
-                        deadline: last + HOLD,
+                        deadline: std::time::Instant::now() + HOLD,
                     });
                     continue;
                 }
@@ -279,11 +404,12 @@ fn serve(q: &mut Queue, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
             }
             Verdict::Drop(_) => msg.set_verdict(NfVerdict::Drop),
         }
-        verdict(q, msg, enforcer);
+        verdict(&mut s.q, msg, enforcer);
         // After the ACK's own verdict, which re-injected it first. Only when
         // something is held: the common path pays nothing.
-        if authorized && !held.is_empty() {
-            sweep(q, &mut held, enforcer);
+        if authorized && !s.held.is_empty() {
+            sweep(s, enforcer);
         }
     }
+    BATCH
 }

@@ -559,11 +559,11 @@ fn by_default_each_cpu_has_its_queue_and_thread() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let queues: Vec<(String, String)> = thread_cpus(lab.runtimes[i].pid())
         .into_iter()
-        .filter(|(comm, _)| comm.starts_with("nfq-0-"))
+        .filter(|(comm, _)| comm.starts_with("nfq-"))
         .collect();
     assert_eq!(queues.len(), cpus, "{queues:?}");
     for (comm, allowed) in &queues {
-        // Thread `nfq-<pu>-<queue>` serves queue c, and runs on CPU c.
+        // Thread `nfq-<queue>` serves queue c, and runs on CPU c.
         let c = comm.rsplit('-').next().unwrap();
         assert_eq!(allowed, c, "{comm}");
     }
@@ -585,6 +585,48 @@ fn by_default_each_cpu_has_its_queue_and_thread() {
         );
     }
     assert!(lab.log(i).contains("one per CPU"), "{}", lab.log(i));
+}
+
+/// One worker thread per queue serves that queue in every PU's namespace:
+/// threads are bounded by CPUs, not PUs × CPUs, and two PUs of one node
+/// handshake through the same threads (allowed and denied alike).
+#[test]
+fn queue_threads_are_shared_by_the_pus_of_a_node() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trsh{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = psk(&dir, "psk.key", 9);
+    let t = beer("s", &k, &k);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let nfq = |i: usize| {
+        thread_cpus(t.lab.runtimes[i].pid())
+            .into_iter()
+            .filter(|(comm, _)| comm.starts_with("nfq-"))
+            .count()
+    };
+    assert_eq!(nfq(1), cpus, "node B serves three PUs");
+    assert_eq!(nfq(0), cpus, "node A serves one PU");
+    serve(&t.db, t.db.ip4, 5432);
+    serve(&t.db, t.db.ip4, 80);
+    serve(&t.web, t.web.ip4, 80);
+    for _ in 0..20 {
+        assert!(probe(&t.be, at(&t.db, 5432)), "backend -> db, same node");
+        assert!(probe(&t.be, at(&t.web, 80)), "backend -> web, same node");
+    }
+    assert!(!probe(&t.be, at(&t.db, 80)), "db admits only 5432");
+    assert!(
+        t.lab.counter(1, "ingress_allowed") >= 40,
+        "{}",
+        t.lab.stats(1)
+    );
+    assert!(
+        t.lab.counter(1, "ingress_denied") >= 1,
+        "{}",
+        t.lab.stats(1)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One iptables rule added (`-A`) or deleted (`-D`) in `table`/`chain` of
