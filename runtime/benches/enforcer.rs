@@ -5,7 +5,8 @@
 //!    the same run (the difference is our cost beyond crypto).
 //! 2. The real datapath in a namespace lab: the same two hosts measured with
 //!    no enforcer (baseline), then with PSK, then with PKI, then PSK with
-//!    `fanout: flow` (one unpinned queue per PU): connection setup
+//!    `fanout: flow` (one unpinned queue per PU), then PSK with both PUs on
+//!    one node (one runtime: the same-node case): connection setup
 //!    latency (connect + one request/response), new connections per second,
 //!    bulk throughput, and the runtime's memory serving 100 PUs.
 
@@ -522,6 +523,12 @@ fn datapath() {
     let flow_counters = counters(&l, ia, ib);
     l.kill(ia);
     l.kill(ib);
+    // Both PUs on one node: one runtime, whose queue threads serve both
+    // namespaces (a pod talking to a pod on its own node).
+    let both = || pu("a", &a) + &pu("b", &b);
+    let i1 = l.start("one", &cfg("node-a", &psk_keys, both()));
+    let with_one = measure(&a, &b);
+    l.kill(i1);
     let ia = l.start("pki-a", &cfg("node-a", &pki("node-a"), pu("a", &a)));
     let ib = l.start("pki-b", &cfg("node-b", &pki("node-b"), pu("b", &b)));
     let with_pki = measure(&a, &b);
@@ -554,7 +561,7 @@ fn datapath() {
         pct(&mut v, 0.5)
     };
     let mut ratios = Vec::new();
-    let (mut over_seq, mut over_tpc) = (Vec::new(), Vec::new());
+    let (mut over_seq, mut over_tpc, mut over_one) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         clear();
         let (seq, tpc) = (setup_p50(81), setup_p50(80));
@@ -567,11 +574,15 @@ fn datapath() {
         l.kill(ia);
         l.kill(ib);
         ratios.push(100.0 * enforced / plain);
+        let i1 = l.start("bulk-one", &cfg("node-a", &psk_keys, both()));
+        over_one.push(setup_p50(81) - seq);
+        l.kill(i1);
     }
     let bulk_median = pct(&mut ratios, 0.5);
     let bulk_spread = (ratios[0], ratios[ratios.len() - 1]);
     let setup_seq = pct(&mut over_seq, 0.5);
     let setup_tpc = pct(&mut over_tpc, 0.5);
+    let setup_one = pct(&mut over_one, 0.5);
 
     // Connection tracking alone: what any conntrack-mark fast path pays
     // per packet (the baseline namespaces track nothing). Last, because
@@ -616,9 +627,10 @@ fn datapath() {
         ("PSK", &with_psk),
         ("PKI", &with_pki),
         ("PSK, flow", &with_flow),
+        ("PSK, 1 node", &with_one),
     ] {
         println!(
-            "{name:10} {:11.1} {:12.1} {:13.1} {:8.0} ({:3.0}%) {:8.2} ({:3.0}%)",
+            "{name:11} {:10.1} {:12.1} {:13.1} {:8.0} ({:3.0}%) {:8.2} ({:3.0}%)",
             f.p50,
             f.p99,
             f.p50 - base.p50,
@@ -648,6 +660,11 @@ fn datapath() {
         over_tpc[over_tpc.len() - 1]
     );
     println!(
+        "setup, the same {ROUNDS} rounds, both PUs on one node (one runtime; sequential server): PSK overhead p50 {setup_one:+.1} µs (median; rounds {:+.1} to {:+.1})",
+        over_one[0],
+        over_one[over_one.len() - 1]
+    );
+    println!(
         "userspace time per handshake packet, live (the runtimes' counters, crypto included): PSK {psk_live}; PKI {pki_live}"
     );
     println!(
@@ -660,6 +677,9 @@ fn datapath() {
     println!("runtime RSS with 1 PU: {:.1} MiB", rss_one as f64 / 1024.0);
     println!(
         "PSK, flow: `fanout: flow`, one unpinned queue per PU (the default is one queue per CPU)"
+    );
+    println!(
+        "PSK, 1 node: both PUs served by one runtime (same-node traffic; its queue threads serve both namespaces)"
     );
     println!("PSK counters: {psk_counters}");
     println!("PKI counters: {pki_counters}");
