@@ -137,45 +137,52 @@ pub fn pin(cpus: &[usize]) -> Result<(), String> {
         .map_err(|e| format!("cpus {cpus:?}: {e}"))
 }
 
-/// Serializes `open`: the socket a new queue got is found as the one
-/// netfilter netlink socket that was not there before, which holds only
-/// while no other thread opens one.
+/// Serializes `open`, so that the netfilter netlink socket that appears
+/// at the probed descriptor number is the one this `open` created.
 static OPENING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// This process's NETLINK_NETFILTER sockets.
-fn netfilter_sockets() -> std::io::Result<Vec<RawFd>> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc/self/fd")? {
-        let Some(fd) = e?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<RawFd>().ok())
-        else {
-            continue;
+/// Whether `fd` is a NETLINK_NETFILTER socket.
+fn is_netfilter_socket(fd: RawFd) -> bool {
+    let opt = |name| {
+        let mut val: nix::libc::c_int = 0;
+        let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
+        // SAFETY: an int-sized option into an int; a closed or non-socket
+        // fd only makes the call fail.
+        let r = unsafe {
+            nix::libc::getsockopt(
+                fd,
+                nix::libc::SOL_SOCKET,
+                name,
+                &mut val as *mut _ as *mut nix::libc::c_void,
+                &mut len,
+            )
         };
-        let opt = |name| {
-            let mut val: nix::libc::c_int = 0;
-            let mut len = std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t;
-            // SAFETY: an int-sized option into an int; a closed or
-            // non-socket fd only makes the call fail.
-            let r = unsafe {
-                nix::libc::getsockopt(
-                    fd,
-                    nix::libc::SOL_SOCKET,
-                    name,
-                    &mut val as *mut _ as *mut nix::libc::c_void,
-                    &mut len,
-                )
-            };
-            (r == 0).then_some(val)
-        };
-        if opt(nix::libc::SO_DOMAIN) == Some(nix::libc::AF_NETLINK)
-            && opt(nix::libc::SO_PROTOCOL) == Some(nix::libc::NETLINK_NETFILTER)
-        {
-            v.push(fd);
+        (r == 0).then_some(val)
+    };
+    opt(nix::libc::SO_DOMAIN) == Some(nix::libc::AF_NETLINK)
+        && opt(nix::libc::SO_PROTOCOL) == Some(nix::libc::NETLINK_NETFILTER)
+}
+
+/// A new `Queue` and its socket's descriptor, which the `nfq` crate does
+/// not expose. `socket()` returns the lowest free descriptor: probe which
+/// one that is, open the queue, and check that a netfilter socket is now
+/// there. Only queue openings (serialized here) create such sockets in
+/// this process, so one found at the probed number is this queue's. If
+/// another thread took the number in between, try again. Constant time
+/// per queue, whatever the number of sockets already open.
+fn queue_with_fd() -> Result<(Queue, RawFd), String> {
+    use std::os::fd::AsRawFd;
+    let _one = OPENING.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..8 {
+        let probe = File::open("/dev/null").map_err(|e| e.to_string())?;
+        let fd = probe.as_raw_fd();
+        drop(probe);
+        let q = Queue::open().map_err(|e| e.to_string())?;
+        if is_netfilter_socket(fd) {
+            return Ok((q, fd));
         }
     }
-    Ok(v)
+    Err("its socket was not at the lowest free descriptor (8 tries)".into())
 }
 
 /// Enter `netns` and bind queue `queue` there; returns the queue and its
@@ -189,25 +196,7 @@ pub fn open(netns: &Path, queue: u16, max_len: u32) -> Result<(Queue, RawFd), St
     };
     let f = File::open(netns).map_err(|e| ctx("open netns", &e))?;
     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| ctx("setns", &e))?;
-    let (mut q, fd) = {
-        let _one = OPENING.lock().unwrap_or_else(|p| p.into_inner());
-        let before = netfilter_sockets().map_err(|e| ctx("list sockets", &e))?;
-        let q = Queue::open().map_err(|e| ctx("open", &e))?;
-        let new: Vec<RawFd> = netfilter_sockets()
-            .map_err(|e| ctx("list sockets", &e))?
-            .into_iter()
-            .filter(|fd| !before.contains(fd))
-            .collect();
-        match new[..] {
-            [fd] => (q, fd),
-            _ => {
-                return Err(ctx(
-                    "find its socket",
-                    &format!("{} new sockets", new.len()),
-                ));
-            }
-        }
-    };
+    let (mut q, fd) = queue_with_fd().map_err(|e| ctx("open", &e))?;
     q.bind(queue).map_err(|e| ctx("bind", &e))?;
     q.set_queue_max_len(queue, max_len)
         .map_err(|e| ctx("max len", &e))?;
@@ -412,4 +401,54 @@ fn drain(s: &mut Source, w: &Worker, enforcer: &Enforcer) -> usize {
         }
     }
     BATCH
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The descriptor found is the queue's own, even while other threads
+    /// open and close descriptors: dropping the queue closes exactly it.
+    #[test]
+    fn each_queue_is_found_at_its_own_socket() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let f = File::open("/dev/null").unwrap();
+                        std::hint::black_box(&f);
+                    }
+                })
+            })
+            .collect();
+        let openers: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    (0..25)
+                        .map(|_| queue_with_fd().unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let opened: Vec<(Queue, RawFd)> = openers
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        for h in churn {
+            h.join().unwrap();
+        }
+        assert_eq!(opened.len(), 100);
+        let mut fds: Vec<RawFd> = opened.iter().map(|(_, fd)| *fd).collect();
+        fds.sort();
+        fds.dedup();
+        assert_eq!(fds.len(), 100, "one descriptor per queue");
+        for (q, fd) in opened {
+            assert!(is_netfilter_socket(fd));
+            drop(q);
+            assert!(!is_netfilter_socket(fd), "fd {fd} was not the queue's");
+        }
+    }
 }
