@@ -28,7 +28,7 @@ const HOLD: std::time::Duration = std::time::Duration::from_millis(1000);
 const HOLD_MAX: usize = 32;
 /// How often a worker with held segments looks at whether their flow was
 /// authorized (on another queue) or their deadline passed.
-const HOLD_POLL: std::time::Duration = std::time::Duration::from_micros(200);
+const HOLD_POLL: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// A segment kept without a verdict until its flow is authorized.
 struct Held {
@@ -318,7 +318,7 @@ fn serve(sources: &mut [Source], ep: &Epoll, w: &Worker, enforcer: &Enforcer, st
                 // Nothing arrived: look again in a while (held segments
                 // are rare and short-lived; this wait is not on the
                 // common path).
-                std::thread::sleep(HOLD_POLL / 4);
+                std::thread::sleep(HOLD_POLL);
             }
         }
     }
