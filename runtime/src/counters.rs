@@ -3,7 +3,7 @@
 //! has its own, so a dashboard can tell a replay from a bad key.
 //!
 //! Every queued packet bumps two or three of them from whichever queue
-//! thread (one per CPU per PU) handles it, so they are lock-free: a fixed
+//! thread (one per CPU, serving every PU) handles it, so they are lock-free: a fixed
 //! open-addressed table of atomics, each slot claimed once by a name. A
 //! mutex here was the one lock every thread of the node shared.
 
