@@ -80,7 +80,8 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            let opened = pin(&w.cpus).and_then(|()| {
+            let pinned = pin(&w.cpus).map_err(|e| format!("queue {}: {e}", w.queue));
+            let opened = pinned.and_then(|()| {
                 w.pus
                     .iter()
                     .map(|(pu, netns)| {
