@@ -144,12 +144,7 @@ pub fn start(
     };
     // Queues first: rules that queue to nobody would drop every new
     // connection of the PU until the workers are up.
-    let pus: Vec<_> = cfg
-        .pus
-        .iter()
-        .enumerate()
-        .map(|(i, pu)| (i, pu.netns_path()))
-        .collect();
+    let pus: Vec<_> = cfg.pus.iter().map(|pu| pu.netns_path()).collect();
     let mut handles = Vec::new();
     for q in &plan {
         let w = queue::Worker {
@@ -161,7 +156,7 @@ pub fn start(
         };
         handles.push(queue::spawn(w, enforcer.clone(), stop.clone())?);
     }
-    for (pu, (_, netns)) in cfg.pus.iter().zip(&pus) {
+    for (pu, netns) in cfg.pus.iter().zip(&pus) {
         firewall::apply(netns, &opts).map_err(|e| format!("pu {}: {e}", pu.name))?;
     }
     learn_local_ips(cfg, enforcer)?;

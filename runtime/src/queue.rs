@@ -47,8 +47,9 @@ const NF_INET_LOCAL_OUT: u8 = 3;
 /// on one thread, its packets handed from one PU's queue to the other's
 /// without a sleep or a switch between threads.
 pub struct Worker {
-    /// (PU index, its network namespace), in the node's PU order.
-    pub pus: Vec<(usize, PathBuf)>,
+    /// The PUs' network namespaces, in the node's PU order (a PU's index
+    /// is its position).
+    pub pus: Vec<PathBuf>,
     pub queue: u16,
     /// Kernel queue length; packets beyond it are dropped (fail-closed).
     pub max_len: u32,
@@ -84,9 +85,10 @@ pub fn spawn(
             let opened = pinned.and_then(|()| {
                 w.pus
                     .iter()
+                    .enumerate()
                     .map(|(pu, netns)| {
                         open(netns, w.queue, w.max_len).map(|(q, fd)| Source {
-                            pu: *pu,
+                            pu,
                             q,
                             fd,
                             held: VecDeque::new(),
@@ -267,19 +269,21 @@ fn sweep(s: &mut Source, enforcer: &Enforcer) {
     }
 }
 
+/// The worker's loop. What it does per wake-up does not grow with the
+/// number of PUs: it visits the sockets epoll reports, and those whose
+/// last batch was full.
 fn serve(sources: &mut [Source], ep: &Epoll, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
     let spin = std::time::Duration::from_micros(w.spin_us);
     let mut last = std::time::Instant::now();
     let mut events = vec![EpollEvent::empty(); sources.len().clamp(1, 256)];
     // Sources whose last batch ended full: their socket (or the crate's
-    // buffer) may still hold packets that epoll would not report.
-    let mut more = vec![false; sources.len()];
-    // The round in which each source was last served.
-    let (mut served, mut round) = (vec![0u64; sources.len()], 0u64);
+    // buffer) may still hold packets that epoll would not report again.
+    let (mut pending, mut full) = (Vec::new(), Vec::new());
+    // Segments held by all the sources together.
+    let mut held = 0usize;
     while !stop.load(Ordering::Relaxed) {
-        let holding = sources.iter().any(|s| !s.held.is_empty());
-        let pending = more.iter().any(|m| *m);
-        let timeout = if holding || pending || last.elapsed() < spin {
+        let spinning = !spin.is_zero() && last.elapsed() < spin;
+        let timeout = if held > 0 || !pending.is_empty() || spinning {
             EpollTimeout::ZERO
         } else {
             EpollTimeout::NONE
@@ -294,28 +298,28 @@ fn serve(sources: &mut [Source], ep: &Epoll, w: &Worker, enforcer: &Enforcer, st
                 continue;
             }
         };
-        round += 1;
-        let mut run = |i: usize, more: &mut [bool], served: &mut [u64]| {
-            served[i] = round;
-            let got = drain(&mut sources[i], w, enforcer);
-            more[i] = got == BATCH;
-            if got > 0 {
+        // A source both reported and pending is drained twice: the second
+        // time costs one empty non-blocking read.
+        let ready = events[..n].iter().map(|e| e.data() as usize);
+        for i in ready.chain(pending.drain(..)) {
+            let s = &mut sources[i];
+            let before = s.held.len();
+            let got = drain(s, w, enforcer);
+            held = held - before + s.held.len();
+            if got == BATCH && !full.contains(&i) {
+                full.push(i);
+            }
+            if got > 0 && !spin.is_zero() {
                 last = std::time::Instant::now();
             }
-        };
-        for e in &events[..n] {
-            run(e.data() as usize, &mut more, &mut served);
         }
-        for i in 0..more.len() {
-            if more[i] && served[i] != round {
-                run(i, &mut more, &mut served);
-            }
-        }
-        if holding {
+        std::mem::swap(&mut pending, &mut full);
+        if held > 0 {
             for s in sources.iter_mut().filter(|s| !s.held.is_empty()) {
                 sweep(s, enforcer);
             }
-            if n == 0 && !pending {
+            held = sources.iter().map(|s| s.held.len()).sum();
+            if n == 0 && pending.is_empty() {
                 // Nothing arrived: look again in a while (held segments
                 // are rare and short-lived; this wait is not on the
                 // common path).
