@@ -629,6 +629,26 @@ fn queue_threads_are_shared_by_the_pus_of_a_node() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `spinMicros`: a worker polls its queues for a while after a packet
+/// instead of sleeping, and still serves every connection.
+#[test]
+fn busy_polling_workers_serve_connections() {
+    if skip() {
+        return;
+    }
+    let (mut lab, web, i) = one_pu_node("y", "198.18.1.62", "spinMicros: 300\n");
+    let cli = lab.host("cli", "198.18.1.63", "fd00::1:63");
+    serve(&web, web.ip4, 80);
+    for _ in 0..10 {
+        assert!(probe(&cli, at(&web, 80)), "web has no ingress policy");
+    }
+    assert!(
+        lab.counter(i, "ingress_allowed_by_ip") >= 10,
+        "{}",
+        lab.stats(i)
+    );
+}
+
 /// One iptables rule added (`-A`) or deleted (`-D`) in `table`/`chain` of
 /// a test host's own namespace.
 fn host_rule(h: &Host, table: &str, op: &str, chain: &str, rule: &[&str]) {
