@@ -88,7 +88,7 @@ pub struct Config {
 }
 
 /// The sandbox's knobs; the defaults are safe.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PluginsConfig {
     /// Compiled modules are kept here across restarts (trusted: give it to
@@ -147,7 +147,7 @@ impl RemoteConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Keys {
     /// Base64 pre-shared key file (at least 32 bytes once decoded).
@@ -157,7 +157,7 @@ pub struct Keys {
     pub pki: Option<PkiKeys>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PkiKeys {
     /// The cluster CA certificate (its Organization is the trust domain).
@@ -173,7 +173,7 @@ pub struct PkiKeys {
     pub peers: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PuConfig {
     pub name: String,
@@ -197,7 +197,7 @@ pub struct PuConfig {
     pub annotations: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
     pub name: String,
@@ -287,6 +287,35 @@ impl Config {
         }
     }
 
+    /// The settings that differ in `new` and that only a restart can
+    /// change (the keys, the node's identity, the queues and their
+    /// threads, the tables' sizes, the plugins' sandbox). A reload
+    /// applies the rest: the ruleset, the PUs, remotes and nodes.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let mut check = |name, same: bool| {
+            if !same {
+                v.push(name);
+            }
+        };
+        check("node", self.node == new.node);
+        check("keys", self.keys == new.keys);
+        check("audience", self.audience == new.audience);
+        check("failOpen", self.fail_open == new.fail_open);
+        check("fanout", self.fanout == new.fanout);
+        check("queues", self.queues == new.queues);
+        check("spinMicros", self.spin_micros == new.spin_micros);
+        check("cpus", self.cpus == new.cpus);
+        check("maxFlows", self.max_flows == new.max_flows);
+        check(
+            "handshakeTimeout",
+            self.handshake_timeout == new.handshake_timeout,
+        );
+        check("stats", self.stats == new.stats);
+        check("plugins", self.plugins == new.plugins);
+        v
+    }
+
     /// Every PU's queues. With `fanout: cpu`, queue `c` is the one the
     /// kernel picks for packets handled on CPU `c`, so there is one per
     /// online CPU id, and its thread is pinned to CPU `c` when the runtime
@@ -348,9 +377,18 @@ impl Config {
             return Err(format!("cpus: {c} is not a CPU number (0..{cpu_max})"));
         }
         let mut names = std::collections::BTreeSet::new();
+        let mut netns = std::collections::BTreeMap::new();
         for pu in &self.pus {
             if !names.insert(&pu.name) {
                 return Err(format!("pus: duplicate name {:?}", pu.name));
+            }
+            // One PU per namespace: its rules and queues are the namespace's.
+            if let Some(other) = netns.insert(pu.netns_path(), &pu.name) {
+                return Err(format!(
+                    "pus: {other:?} and {:?} are the same network namespace {}",
+                    pu.name,
+                    pu.netns_path().display()
+                ));
             }
             if pu.netns.is_empty() || (!pu.netns.starts_with('/') && pu.netns.contains('/')) {
                 return Err(format!(
@@ -436,6 +474,40 @@ mod tests {
     }
 
     const BASE: &str = "node: n\nruleset: rs.bin\nkeys: {psk: k}\n";
+
+    /// A reload applies the ruleset, PUs, remotes and nodes; it names
+    /// every other setting that changed, which only a restart applies.
+    #[test]
+    fn a_reload_names_the_settings_only_a_restart_applies() {
+        let pus = "pus:\n- {name: a, netns: a, labels: {x: y}}\n";
+        let c = load(&format!("{BASE}{pus}")).unwrap();
+        let same = load(&format!(
+            "{BASE}pus:\n- {{name: b, netns: b}}\nremotes:\n- {{ips: [198.18.0.9]}}\n"
+        ))
+        .unwrap();
+        assert!(c.restart_only_changes(&same).is_empty());
+        let other = load(
+            "node: m\nruleset: other.bin\nkeys: {psk: k2}\nmaxFlows: 99\nfanout: flow\nplugins: {timeoutMs: 5}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.restart_only_changes(&other),
+            ["node", "keys", "fanout", "maxFlows", "plugins"]
+        );
+    }
+
+    #[test]
+    fn two_pus_may_not_share_a_namespace() {
+        let e = load(&format!(
+            "{BASE}pus:\n- {{name: a, netns: x}}\n- {{name: b, netns: /run/netns/x}}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.msg
+                .contains(r#""a" and "b" are the same network namespace /run/netns/x"#),
+            "{e}"
+        );
+    }
 
     #[test]
     fn one_queue_per_cpu_by_default() {

@@ -124,23 +124,63 @@ impl Pu {
     }
 }
 
+/// What this node knows of workloads, besides the ruleset: its PUs,
+/// their addresses, and the identities of peers that send no token. A
+/// reload replaces it together with the ruleset, in one swap, so that a
+/// packet never sees a PU of one and the addresses of the other.
+#[derive(Clone, Default)]
+pub struct Inventory {
+    /// PUs by slot. A PU keeps its slot for its life (its queue sockets
+    /// and its flows are keyed by it); a removed PU leaves a hole, which a
+    /// PU added by a later reload may take.
+    pub pus: Vec<Option<Arc<Pu>>>,
+    /// This node's PUs by address (read from their namespaces), so that
+    /// traffic between them is judged by their labels too.
+    pub local_ips: HashMap<IpAddr, usize>,
+    /// Identities of workloads known by IP, for peers that send no token.
+    pub by_ip: HashMap<IpAddr, Identity>,
+    /// Node labels by node address, for `nodes` peers.
+    pub nodes: HashMap<IpAddr, Identity>,
+}
+
+impl Inventory {
+    /// Slots in order, one per PU (the embedded configuration's order).
+    pub fn of(pus: Vec<Pu>) -> Inventory {
+        Inventory {
+            pus: pus.into_iter().map(|p| Some(Arc::new(p))).collect(),
+            ..Inventory::default()
+        }
+    }
+
+    /// The live PUs with their slots.
+    pub fn live(&self) -> impl Iterator<Item = (usize, &Arc<Pu>)> {
+        self.pus
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (i, p)))
+    }
+}
+
 /// One PU as a given ruleset sees it: its identity after the ruleset's
-/// resolvers, and the token carrying it.
+/// resolvers, the policies that select it, and the token carrying it.
 struct Resolved {
+    pu: Arc<Pu>,
     identity: Identity,
     labels: BTreeMap<String, String>,
+    applicable: Applicable,
     token: Mutex<Option<LocalToken>>,
 }
 
-/// A ruleset with what the hot path needs precomputed: the subject index,
-/// its plugins loaded, and per PU its resolved identity and the policies
-/// that select it.
+/// A ruleset with what the hot path needs precomputed for the node's
+/// inventory: the subject index, its plugins loaded, and per PU its
+/// resolved identity and the policies that select it.
 pub struct Loaded {
-    pub rs: Ruleset,
-    subjects: SubjectIndex,
-    plugins: Option<Plugins>,
-    pus: Vec<Resolved>,
-    applicable: Vec<Applicable>,
+    pub rs: Arc<Ruleset>,
+    subjects: Arc<SubjectIndex>,
+    plugins: Option<Arc<Plugins>>,
+    inv: Inventory,
+    /// By slot, as `inv.pus`.
+    pus: Vec<Option<Resolved>>,
     pub hash: String,
     /// PUs whose resolver failed (denied everything until a reload).
     pub unresolved: Vec<String>,
@@ -151,20 +191,43 @@ impl Loaded {
     /// half-applies a ruleset.
     pub fn new(
         rs: Ruleset,
-        pus: &[Pu],
+        inv: Inventory,
         host: &dyn Fn() -> Result<Host, String>,
     ) -> Result<Loaded, String> {
-        let subjects = SubjectIndex::new(&rs.policies);
-        let hash = rs.content_hash();
         let plugins = if rs.plugins.is_empty() {
             None
         } else {
-            Some(Plugins::load(&rs, &host()?)?)
+            Some(Arc::new(Plugins::load(&rs, &host()?)?))
         };
+        let subjects = Arc::new(SubjectIndex::new(&rs.policies));
+        Ok(Loaded::resolve(Arc::new(rs), subjects, plugins, inv))
+    }
+
+    /// The same ruleset (its plugins as loaded) for another inventory:
+    /// the PUs are resolved again, the modules are not compiled again.
+    pub fn with_inventory(&self, inv: Inventory) -> Loaded {
+        Loaded::resolve(
+            self.rs.clone(),
+            self.subjects.clone(),
+            self.plugins.clone(),
+            inv,
+        )
+    }
+
+    fn resolve(
+        rs: Arc<Ruleset>,
+        subjects: Arc<SubjectIndex>,
+        plugins: Option<Arc<Plugins>>,
+        inv: Inventory,
+    ) -> Loaded {
+        let hash = rs.content_hash();
         let mut unresolved = Vec::new();
-        let resolved: Vec<Resolved> = pus
+        let ev = Evaluator::with_index(&rs, &subjects);
+        let resolved: Vec<Option<Resolved>> = inv
+            .pus
             .iter()
-            .map(|p| {
+            .map(|slot| {
+                let p = slot.as_ref()?;
                 let mut identity = p.identity.clone();
                 if let Some(pl) = plugins.as_ref().filter(|pl| pl.has_resolvers()) {
                     match pl.resolve(&p.workload) {
@@ -187,34 +250,38 @@ impl Loaded {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect();
-                Resolved {
+                Some(Resolved {
+                    pu: p.clone(),
+                    applicable: ev.applicable(&identity),
                     identity,
                     labels,
                     token: Mutex::new(None),
-                }
+                })
             })
             .collect();
-        let applicable = {
-            let ev = Evaluator::with_index(&rs, &subjects);
-            resolved
-                .iter()
-                .map(|p| ev.applicable(&p.identity))
-                .collect()
-        };
-        Ok(Loaded {
+        Loaded {
             rs,
             subjects,
             plugins,
+            inv,
             pus: resolved,
-            applicable,
             hash,
             unresolved,
-        })
+        }
     }
 
-    /// PU `pu`'s identity under this ruleset.
-    pub fn identity(&self, pu: usize) -> &Identity {
-        &self.pus[pu].identity
+    fn slot(&self, pu: usize) -> Option<&Resolved> {
+        self.pus.get(pu).and_then(Option::as_ref)
+    }
+
+    /// PU `pu`'s identity under this ruleset (none: no PU in that slot).
+    pub fn identity(&self, pu: usize) -> Option<&Identity> {
+        self.slot(pu).map(|r| &r.identity)
+    }
+
+    /// The inventory this ruleset was resolved for.
+    pub fn inventory(&self) -> &Inventory {
+        &self.inv
     }
 
     /// Counters of every plugin, by name.
@@ -270,16 +337,9 @@ enum State {
 
 pub struct Enforcer {
     engine: Engine,
-    pus: Vec<Pu>,
+    /// The ruleset and the inventory, swapped together.
     policy: RwLock<Arc<Loaded>>,
     flows: Mutex<FlowTable<State>>,
-    /// Identities of workloads known by IP, for peers that send no token.
-    by_ip: HashMap<IpAddr, Identity>,
-    /// Node labels by node address, for `nodes` peers.
-    nodes: HashMap<IpAddr, Identity>,
-    /// This node's PUs by address (read from their namespaces), so that
-    /// datagrams between them are judged by their labels too.
-    local_ips: RwLock<HashMap<IpAddr, usize>>,
     timeout_ms: u64,
     /// Keys the SYN-ACK hashes of `AckPending`/`AckSent`, per process.
     synack_hash: std::hash::RandomState,
@@ -366,15 +426,15 @@ impl Enforcer {
             limits,
             cache_dir,
         };
-        let loaded = Loaded::new(rs, &pus, &|| host.get())?;
+        let inv = Inventory {
+            by_ip,
+            ..Inventory::of(pus)
+        };
+        let loaded = Loaded::new(rs, inv, &|| host.get())?;
         Ok(Enforcer {
             engine,
             policy: RwLock::new(Arc::new(loaded)),
-            pus,
             flows: Mutex::new(FlowTable::new(max_flows)),
-            by_ip,
-            nodes: HashMap::new(),
-            local_ips: RwLock::new(HashMap::new()),
             timeout_ms,
             synack_hash: std::hash::RandomState::new(),
             held: std::sync::atomic::AtomicUsize::new(0),
@@ -384,26 +444,27 @@ impl Enforcer {
     }
 
     /// The cluster's nodes (labels by address), which `nodes` peers select.
-    pub fn with_nodes(mut self, nodes: HashMap<IpAddr, Identity>) -> Self {
-        self.nodes = nodes;
+    pub fn with_nodes(self, nodes: HashMap<IpAddr, Identity>) -> Self {
+        self.install_inventory(Inventory {
+            nodes,
+            ..self.policy().inventory().clone()
+        });
         self
     }
 
-    fn load(&self, rs: Ruleset) -> Result<Loaded, String> {
-        Loaded::new(rs, &self.pus, &|| self.host.get())
-    }
-
-    pub fn pus(&self) -> &[Pu] {
-        &self.pus
-    }
-
-    /// The addresses of this node's PUs (PU index by address).
+    /// The addresses of this node's PUs (PU slot by address), in force at
+    /// once for the ruleset in force.
     pub fn set_local_ips(&self, ips: HashMap<IpAddr, usize>) {
-        *self.local_ips.write().unwrap_or_else(|e| e.into_inner()) = ips;
+        self.install_inventory(Inventory {
+            local_ips: ips,
+            ..self.policy().inventory().clone()
+        });
     }
 
-    fn local_ips(&self) -> std::sync::RwLockReadGuard<'_, HashMap<IpAddr, usize>> {
-        self.local_ips.read().unwrap_or_else(|e| e.into_inner())
+    /// The live PUs, with their slots.
+    pub fn pus(&self) -> Vec<(usize, Arc<Pu>)> {
+        let l = self.policy();
+        l.inventory().live().map(|(i, p)| (i, p.clone())).collect()
     }
 
     pub fn policy(&self) -> Arc<Loaded> {
@@ -426,12 +487,35 @@ impl Enforcer {
     /// A ruleset loaded for this node's PUs, not yet in force (so that the
     /// kernel's tables can be built from it first).
     pub fn prepare(&self, rs: Ruleset) -> Result<Arc<Loaded>, String> {
-        Ok(Arc::new(self.load(rs)?))
+        self.prepare_with(rs, self.policy().inventory().clone())
     }
 
+    /// A ruleset loaded for another inventory (a reload that adds, removes
+    /// or relabels PUs), not yet in force.
+    pub fn prepare_with(&self, rs: Ruleset, inv: Inventory) -> Result<Arc<Loaded>, String> {
+        Ok(Arc::new(Loaded::new(rs, inv, &|| self.host.get())?))
+    }
+
+    /// Forget the handshakes of the PU in slot `pu` (removed from the
+    /// node), so that a PU that takes the slot later inherits none.
+    pub fn forget_pu(&self, pu: usize) {
+        lock(&self.flows).forget_pu(pu as u32);
+    }
+
+    /// Put a new ruleset (and inventory) in force: a policy update.
     pub fn install(&self, l: Arc<Loaded>) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = l;
+        self.swap(l);
         self.counters.inc("policy_updates");
+    }
+
+    /// Put in force the ruleset in force for another inventory (the PUs'
+    /// addresses learnt at start): not a policy update.
+    pub fn install_inventory(&self, inv: Inventory) {
+        self.swap(Arc::new(self.policy().with_inventory(inv)));
+    }
+
+    fn swap(&self, l: Arc<Loaded>) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = l;
     }
 
     /// Record a handshake state with the handshake deadline.
@@ -447,7 +531,7 @@ impl Enforcer {
 
     fn local_token(&self, pu: usize, now_s: u64) -> Result<LocalToken, &'static str> {
         let l = self.policy();
-        let p = &l.pus[pu];
+        let p = l.slot(pu).ok_or("unknown_pu")?;
         let mut slot = lock(&p.token);
         if let Some(t) = slot.as_ref().filter(|t| !t.needs_refresh(now_s)) {
             return Ok(t.clone());
@@ -481,27 +565,31 @@ impl Enforcer {
             protocol,
         } = q;
         let ev = match &l.plugins {
-            Some(p) => Evaluator::with_index(&l.rs, &l.subjects).with_hooks(p),
+            Some(p) => Evaluator::with_index(&l.rs, &l.subjects).with_hooks(&**p),
             None => Evaluator::with_index(&l.rs, &l.subjects),
         };
-        let me = &self.pus[pu];
+        // A slot emptied by a reload while its packet was queued: nothing
+        // is allowed for a PU that is gone.
+        let Some(me) = l.slot(pu) else {
+            return false;
+        };
         let mine = Endpoint {
-            identity: Some(&l.pus[pu].identity),
+            identity: Some(&me.identity),
             ip: Some(local),
-            ports: &me.ports,
+            ports: &me.pu.ports,
             node: None,
         };
-        let local_pu = self.local_ips().get(&remote).copied();
+        let local_pu = l.inv.local_ips.get(&remote).and_then(|&j| l.slot(j));
         let peer = peer
-            .or_else(|| self.by_ip.get(&remote))
-            .or_else(|| local_pu.map(|j| &l.pus[j].identity));
+            .or_else(|| l.inv.by_ip.get(&remote))
+            .or_else(|| local_pu.map(|r| &r.identity));
         let them = Endpoint {
             identity: peer,
             ip: Some(remote),
-            ports: local_pu.map_or(&[][..], |j| &self.pus[j].ports),
-            node: self.nodes.get(&remote),
+            ports: local_pu.map_or(&[][..], |r| &r.pu.ports),
+            node: l.inv.nodes.get(&remote),
         };
-        let app = Some(&l.applicable[pu]);
+        let app = Some(&me.applicable);
         match hook {
             Hook::In => {
                 let f = Flow {
@@ -529,10 +617,20 @@ impl Enforcer {
     /// The notes say where a PU's datagrams still go to userspace.
     pub fn datagram_tables(&self, l: &Loaded, pu: usize) -> (PuTables, Vec<String>) {
         let mut notes = Vec::new();
+        let Some(me) = l.slot(pu) else {
+            let deny = |v6| Boundaries::new(v6).uniform(Cell::Deny);
+            let t = PuTables {
+                in4: deny(false),
+                in6: deny(true),
+                out4: deny(false),
+                out6: deny(true),
+            };
+            return (t, vec![format!("slot {pu}: no PU")]);
+        };
         let mut table = |hook: Hook, v6: bool| {
             let mut b = Boundaries::new(v6);
             let mut ask = false;
-            for &i in l.applicable[pu].policies() {
+            for &i in me.applicable.policies() {
                 let p = &l.rs.policies[i as usize];
                 let rules = match hook {
                     Hook::In => &p.ingress,
@@ -555,9 +653,9 @@ impl Enforcer {
                             // Named ports resolve against the destination:
                             // this PU on ingress, another local PU on egress.
                             PortMatch::Named(n) => {
-                                let dsts = match hook {
-                                    Hook::In => &self.pus[pu..=pu],
-                                    Hook::Out => &self.pus[..],
+                                let dsts: Vec<&Pu> = match hook {
+                                    Hook::In => vec![&me.pu],
+                                    Hook::Out => l.inv.live().map(|(_, p)| &**p).collect(),
                                 };
                                 dsts.iter()
                                     .flat_map(|d| &d.ports)
@@ -568,8 +666,8 @@ impl Enforcer {
                     }
                 }
             }
-            let known = self.by_ip.keys().chain(self.nodes.keys());
-            for ip in known.chain(self.local_ips().keys()) {
+            let known = l.inv.by_ip.keys().chain(l.inv.nodes.keys());
+            for ip in known.chain(l.inv.local_ips.keys()) {
                 b.host(*ip);
             }
             if ask {
@@ -657,7 +755,7 @@ impl Enforcer {
     }
 
     fn decide(&self, pu: usize, hook: Hook, pkt: &[u8], now_ms: u64) -> Verdict {
-        if pu >= self.pus.len() {
+        if self.policy().slot(pu).is_none() {
             return Verdict::Drop("unknown_pu");
         }
         let m = match packet::tcp_meta(pkt) {

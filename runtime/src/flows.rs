@@ -137,6 +137,12 @@ impl<S> FlowTable<S> {
         self.map.remove(key).map(|s| s.state)
     }
 
+    /// Drop every entry of one PU (removed from the node). Their FIFO
+    /// records stay, stale, and are skipped as a replaced key's are.
+    pub fn forget_pu(&mut self, pu: u32) {
+        self.map.retain(|k, _| k.pu != pu);
+    }
+
     /// Drop expired entries from the old end (deadlines grow with stamps
     /// for a fixed timeout, so the front is where they are). A record
     /// whose deadline passed may be stale (its key was replaced or
@@ -192,6 +198,32 @@ mod tests {
         assert!(t.get_mut(&key(83), 1).is_none());
         assert_eq!(t.get_mut(&key(99), 1), Some(&mut 99));
         assert!(t.order.len() <= 32);
+    }
+
+    /// A removed PU's handshakes go; a PU that takes its slot later
+    /// finds none of them, and the stale records expire harmlessly.
+    #[test]
+    fn forgetting_a_pu_drops_its_entries_only() {
+        let mut t = FlowTable::new(16);
+        let other = |port| FlowKey { pu: 1, ..key(port) };
+        for p in 0..4u16 {
+            t.insert(key(p), p, 10, 0);
+            t.insert(other(p), p + 100, 10, 0);
+        }
+        t.forget_pu(0);
+        assert_eq!(t.len(), 4);
+        assert!((0..4).all(|p| t.get_mut(&key(p), 1).is_none()));
+        assert_eq!(t.get_mut(&other(3), 1), Some(&mut 103));
+        // The insert sweeps what is due at 11: pu 1's four entries, and
+        // pu 0's stale records, which count for nothing.
+        t.insert(key(0), 7, 30, 11);
+        assert_eq!(
+            t.expired, 4,
+            "only pu 1's entries expired; pu 0's were forgotten"
+        );
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.get_mut(&key(0), 12), Some(&mut 7));
+        assert!(t.get_mut(&key(0), 30).is_none());
     }
 
     #[test]

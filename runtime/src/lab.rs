@@ -231,6 +231,34 @@ impl Lab {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).unwrap();
     }
 
+    /// Replace runtime `i`'s config and send it SIGHUP; returns the log
+    /// line that answers (a reload done or refused).
+    pub fn reconfigure(&self, i: usize, config: &str) -> String {
+        let r = &self.runtimes[i];
+        let answers = |log: &str| -> Vec<String> {
+            log.lines()
+                .filter(|l| l.contains(": reloaded ") || l.contains(": reload refused"))
+                .map(String::from)
+                .collect()
+        };
+        let before = answers(&self.log(i)).len();
+        let cfg = format!("{config}\nstats: {}\n", r.stats.display());
+        std::fs::write(&r.config, cfg).unwrap();
+        self.signal(i, nix::sys::signal::Signal::SIGHUP);
+        let t0 = Instant::now();
+        loop {
+            if let Some(line) = answers(&self.log(i)).get(before) {
+                return line.clone();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no answer to SIGHUP: {}",
+                self.log(i)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A counter from the runtime's stats file (0 if absent).
     pub fn counter(&self, i: usize, name: &str) -> u64 {
         // The file is rewritten every 500 ms.

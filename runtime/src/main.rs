@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use trireme_runtime::config::{Config, Fanout};
+use trireme_runtime::node::Node;
 use trireme_runtime::{enforcer::Enforcer, firewall, nft, node};
 
 #[derive(Parser)]
@@ -19,9 +20,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Enforce: program every PU namespace and run the identity handshake.
-    /// SIGHUP reloads the ruleset; SIGTERM/SIGINT stop the process and leave
-    /// the rules in place (fail-closed: new connections are refused until
-    /// the runtime is back).
+    /// SIGHUP reloads the config and the ruleset (PUs added, removed and
+    /// relabelled; a reload that fails changes nothing); SIGTERM/SIGINT
+    /// stop the process and leave the rules in place (fail-closed: new
+    /// connections are refused until the runtime is back).
     Run {
         #[arg(short, long)]
         config: PathBuf,
@@ -90,7 +92,7 @@ fn run(config: PathBuf) -> Result<(), String> {
     sigs.thread_block().map_err(|e| e.to_string())?;
     let e = Arc::new(node::enforcer(&cfg)?);
     let stop = Arc::new(AtomicBool::new(false));
-    let _workers = node::start(&cfg, &e, &stop)?;
+    let mut node = Node::start(&cfg, &e, &stop)?;
     log(format!(
         "node {}: enforcing {} PUs with ruleset sha256:{} ({} queue(s) each, {}, fail-{})",
         cfg.node,
@@ -118,20 +120,27 @@ fn run(config: PathBuf) -> Result<(), String> {
     }
     loop {
         match sigs.wait().map_err(|e| e.to_string())? {
-            Signal::SIGHUP => match node::reload(&cfg, &e) {
-                Ok(warning) => {
-                    log(format!(
-                        "ruleset reloaded: sha256:{} (applies to new connections)",
-                        e.policy().hash
-                    ));
-                    if let Some(w) = warning {
-                        log(format!("ERROR: {w}"));
+            Signal::SIGHUP => {
+                let r = Config::load(&config)
+                    .map_err(|e| e.to_string())
+                    .and_then(|new| node.reload(new));
+                match r {
+                    Ok(done) => {
+                        log(format!(
+                            "reloaded {}: ruleset sha256:{}; {done}; {} PUs (applies to new connections)",
+                            config.display(),
+                            e.policy().hash,
+                            node.pus()
+                        ));
+                        for err in done.errors {
+                            log(format!("ERROR: {err}"));
+                        }
                     }
+                    Err(err) => log(format!(
+                        "reload refused, nothing changed (config, ruleset and PUs as before): {err}"
+                    )),
                 }
-                Err(err) => log(format!(
-                    "reload refused, keeping the current ruleset: {err}"
-                )),
-            },
+            }
             s => {
                 write_stats(&cfg.stats, &e);
                 log(format!(

@@ -1,9 +1,11 @@
 //! Building a node from its configuration: keys → token engine, PUs →
 //! identities, ruleset → evaluator; then the namespaces are programmed and
-//! the queue workers started.
+//! the queue workers started. A reload (SIGHUP) reads the configuration
+//! again and carries out the difference: PUs added, removed or relabelled,
+//! a new ruleset, new remotes and nodes.
 
-use crate::config::{Config, Fanout};
-use crate::enforcer::{Enforcer, Loaded, Pu};
+use crate::config::{Config, Fanout, PuConfig};
+use crate::enforcer::{Enforcer, Inventory, Loaded, Pu};
 use crate::firewall;
 use crate::nft;
 use crate::queue;
@@ -77,28 +79,51 @@ pub fn load_ruleset(cfg: &Config) -> Result<Ruleset, String> {
     Ruleset::decode(&bytes).map_err(|e| format!("{}: {e}", p.display()))
 }
 
-/// The enforcer for `cfg`, without touching the kernel.
-pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
-    let engine = engine(cfg)?;
-    let rs = load_ruleset(cfg)?;
-    let pus: Vec<Pu> = cfg
-        .pus
-        .iter()
-        .map(|p| Pu::new(&p.name, p.identity(), p.named_ports()).with_workload(p.workload()))
-        .collect();
-    let mut by_ip = HashMap::new();
+fn pu_of(p: &PuConfig) -> Pu {
+    Pu::new(&p.name, p.identity(), p.named_ports()).with_workload(p.workload())
+}
+
+/// What `cfg` says of workloads, with the PUs in `slots`; with their
+/// addresses (read from their namespaces) if `learn`.
+fn inventory(cfg: &Config, slots: &[Option<PuConfig>], learn: bool) -> Result<Inventory, String> {
+    let mut inv = Inventory {
+        pus: slots
+            .iter()
+            .map(|p| p.as_ref().map(|p| Arc::new(pu_of(p))))
+            .collect(),
+        ..Inventory::default()
+    };
     for r in &cfg.remotes {
         for ip in &r.ips {
-            by_ip.insert(*ip, r.identity());
+            inv.by_ip.insert(*ip, r.identity());
         }
     }
-    let mut nodes = HashMap::new();
     for n in &cfg.nodes {
         let labels: trireme_compiler::model::Identity = n.labels.clone().into_iter().collect();
         for ip in &n.ips {
-            nodes.insert(*ip, labels.clone());
+            inv.nodes.insert(*ip, labels.clone());
         }
     }
+    if learn {
+        for (i, p) in slots.iter().enumerate() {
+            let Some(p) = p else { continue };
+            for ip in
+                firewall::addresses(&p.netns_path()).map_err(|e| format!("pu {}: {e}", p.name))?
+            {
+                inv.local_ips.insert(ip, i);
+            }
+        }
+    }
+    Ok(inv)
+}
+
+/// The enforcer for `cfg`, without touching the kernel (the PUs'
+/// addresses are learnt by `Node::start`).
+pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
+    let engine = engine(cfg)?;
+    let rs = load_ruleset(cfg)?;
+    let slots: Vec<_> = cfg.pus.iter().cloned().map(Some).collect();
+    let inv = inventory(cfg, &slots, false)?;
     if cfg.nodes.is_empty() && rs.uses_node_peers() {
         eprintln!(
             "trireme-runtime: WARNING: the ruleset has `nodes` peers but the config lists no nodes: they match nothing on this node"
@@ -109,82 +134,251 @@ pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
         memory_bytes: cfg.plugins.memory_mib.max(1) << 20,
         ..Limits::runtime()
     };
+    warn_fail_open_plugins(&rs);
+    let e = Enforcer::with_plugin_limits(
+        engine,
+        vec![],
+        rs,
+        HashMap::new(),
+        cfg.max_flows,
+        cfg.handshake_timeout * 1000,
+        limits,
+        cfg.plugins.cache_dir.clone(),
+    )?;
+    e.install_inventory(inv);
+    Ok(e)
+}
+
+fn warn_fail_open_plugins(rs: &Ruleset) {
     for p in rs.plugins.iter().filter(|p| p.fail_open) {
         eprintln!(
             "trireme-runtime: WARNING: plugin {} is FAIL-OPEN: when it fails, this node abstains instead of denying",
             p.name
         );
     }
-    Enforcer::with_plugin_limits(
-        engine,
-        pus,
-        rs,
-        by_ip,
-        cfg.max_flows,
-        cfg.handshake_timeout * 1000,
-        limits,
-        cfg.plugins.cache_dir.clone(),
-    )
-    .map(|e| e.with_nodes(nodes))
 }
 
-/// Start the queue workers (one per queue number, each serving every PU),
-/// then program every PU namespace.
-pub fn start(
-    cfg: &Config,
-    enforcer: &Arc<Enforcer>,
-    stop: &Arc<AtomicBool>,
-) -> Result<Vec<std::thread::JoinHandle<()>>, String> {
-    let plan = cfg.queue_plan();
-    let opts = firewall::Options {
-        queue: 0,
-        queues: plan.len() as u16,
-        cpu_fanout: cfg.fanout == Fanout::Cpu,
-        fail_open: cfg.fail_open,
-    };
-    // Queues first: rules that queue to nobody would drop every new
-    // connection of the PU until the workers are up.
-    let pus: Vec<_> = cfg.pus.iter().map(|pu| pu.netns_path()).collect();
-    let mut handles = Vec::new();
-    for q in &plan {
-        let w = queue::Worker {
-            pus: pus.clone(),
-            queue: q.queue,
-            max_len: 4096,
-            spin_us: cfg.spin_micros,
-            cpus: q.cpus.clone(),
+/// A running node: its enforcer, its queue workers, and the configuration
+/// it runs, which a reload compares the new one with.
+pub struct Node {
+    pub enforcer: Arc<Enforcer>,
+    cfg: Config,
+    /// The configured PU in each slot (see `Inventory::pus`).
+    slots: Vec<Option<PuConfig>>,
+    workers: Vec<queue::Handle>,
+    opts: firewall::Options,
+}
+
+/// What a reload changed, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Same namespace, other labels, namespace, ports or metadata.
+    pub changed: Vec<String>,
+    /// Errors that did not stop the reload (a PU whose datagram table was
+    /// not replaced, rules of a removed PU that could not be removed).
+    pub errors: Vec<String>,
+}
+
+impl std::fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
         };
-        handles.push(queue::spawn(w, enforcer.clone(), stop.clone())?);
+        write!(
+            f,
+            "PUs added: {}; removed: {}; changed: {}",
+            list(&self.added),
+            list(&self.removed),
+            list(&self.changed)
+        )
     }
-    for (pu, netns) in cfg.pus.iter().zip(&pus) {
-        firewall::apply(netns, &opts).map_err(|e| format!("pu {}: {e}", pu.name))?;
-    }
-    learn_local_ips(cfg, enforcer)?;
-    datagram_tables(cfg, enforcer, &enforcer.policy())?;
-    Ok(handles)
 }
 
-/// Read every PU's addresses from its namespace (again on each reload:
-/// a PU may have been renumbered).
-pub fn learn_local_ips(cfg: &Config, e: &Enforcer) -> Result<(), String> {
-    let mut ips = HashMap::new();
-    for (i, pu) in cfg.pus.iter().enumerate() {
-        for ip in
-            firewall::addresses(&pu.netns_path()).map_err(|e| format!("pu {}: {e}", pu.name))?
-        {
-            ips.insert(ip, i);
+impl Node {
+    /// Start the queue workers (one per queue number, each serving every
+    /// PU), then program every PU namespace.
+    pub fn start(
+        cfg: &Config,
+        enforcer: &Arc<Enforcer>,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Node, String> {
+        let plan = cfg.queue_plan();
+        let opts = firewall::Options {
+            queue: 0,
+            queues: plan.len() as u16,
+            cpu_fanout: cfg.fanout == Fanout::Cpu,
+            fail_open: cfg.fail_open,
+        };
+        // Queues first: rules that queue to nobody would drop every new
+        // connection of the PU until the workers are up.
+        let pus: Vec<_> = cfg.pus.iter().map(|pu| pu.netns_path()).collect();
+        let mut workers = Vec::new();
+        for q in &plan {
+            let w = queue::Worker {
+                pus: pus.clone(),
+                queue: q.queue,
+                max_len: 4096,
+                spin_us: cfg.spin_micros,
+                cpus: q.cpus.clone(),
+            };
+            workers.push(queue::spawn(w, enforcer.clone(), stop.clone())?);
         }
+        for (pu, netns) in cfg.pus.iter().zip(&pus) {
+            firewall::apply(netns, &opts).map_err(|e| format!("pu {}: {e}", pu.name))?;
+        }
+        let slots: Vec<_> = cfg.pus.iter().cloned().map(Some).collect();
+        enforcer.install_inventory(inventory(cfg, &slots, true)?);
+        datagram_tables(&slots, enforcer, &enforcer.policy())?;
+        Ok(Node {
+            enforcer: enforcer.clone(),
+            cfg: cfg.clone(),
+            slots,
+            workers,
+            opts,
+        })
     }
-    e.set_local_ips(ips);
-    Ok(())
+
+    /// The number of PUs served.
+    pub fn pus(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// SIGHUP: put `new` in force. A PU is known by its name: one that
+    /// is new, or whose namespace changed, is added (its queues open
+    /// before its rules go in); one that is gone is removed (its rules,
+    /// tables and queues go); one whose labels or other fields changed
+    /// keeps its queues and rules and gets its new identity for new
+    /// connections. The ruleset file is read again. Any error before the
+    /// swap leaves the node exactly as it was; settings that only a
+    /// restart can change make the reload fail, naming them.
+    pub fn reload(&mut self, new: Config) -> Result<Reloaded, String> {
+        let fixed = self.cfg.restart_only_changes(&new);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "{} changed: only a restart applies {}",
+                fixed.join(", "),
+                if fixed.len() == 1 { "it" } else { "them" }
+            ));
+        }
+        let mut report = Reloaded::default();
+        let mut slots = self.slots.clone();
+        let mut removed = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Some(old) = slot else { continue };
+            match new.pus.iter().find(|p| p.name == old.name) {
+                Some(p) if p.netns_path() == old.netns_path() => {
+                    if p != old {
+                        report.changed.push(p.name.clone());
+                    }
+                    slots[i] = Some(p.clone());
+                }
+                _ => {
+                    removed.push(i);
+                    slots[i] = None;
+                    report.removed.push(old.name.clone());
+                }
+            }
+        }
+        // New PUs take slots that were free before this reload (a slot
+        // freed now is still served until the swap).
+        let mut added = Vec::new();
+        let mut free = (0..self.slots.len()).filter(|&i| self.slots[i].is_none());
+        for p in &new.pus {
+            let kept = self
+                .slots
+                .iter()
+                .flatten()
+                .any(|o| o.name == p.name && o.netns_path() == p.netns_path());
+            if kept {
+                continue;
+            }
+            let i = free.next().unwrap_or_else(|| {
+                slots.push(None);
+                slots.len() - 1
+            });
+            slots[i] = Some(p.clone());
+            added.push(i);
+            report.added.push(p.name.clone());
+        }
+        let e = self.enforcer.clone();
+        let rs = load_ruleset(&new)?;
+        warn_fail_open_plugins(&rs);
+        let l = e.prepare_with(rs, inventory(&new, &slots, true)?)?;
+        // The new PUs' queues, then their rules; undone on any error.
+        let mut listening = Vec::new();
+        let mut programmed = Vec::new();
+        let undo =
+            |listening: &[(usize, usize)], programmed: &[usize], slots: &[Option<PuConfig>]| {
+                for &i in programmed {
+                    if let Some(p) = &slots[i] {
+                        let _ = firewall::remove(&p.netns_path());
+                    }
+                }
+                for &(w, i) in listening {
+                    let _ = self.workers[w].control.remove(i);
+                }
+            };
+        for &i in &added {
+            let p = slots[i].as_ref().expect("an added slot holds its PU");
+            for (w, worker) in self.workers.iter().enumerate() {
+                if let Err(err) = worker.control.add(i, &p.netns_path()) {
+                    undo(&listening, &programmed, &slots);
+                    return Err(format!("pu {}: {err}", p.name));
+                }
+                listening.push((w, i));
+            }
+            if let Err(err) = firewall::apply(&p.netns_path(), &self.opts) {
+                undo(&listening, &programmed, &slots);
+                return Err(format!("pu {}: {err}", p.name));
+            }
+            programmed.push(i);
+        }
+        if let Err(err) = datagram_tables(&slots, &e, &l) {
+            report
+                .errors
+                .push(format!("datagram tables not replaced: {err}"));
+        }
+        e.install(l);
+        for i in removed {
+            let p = self.slots[i].as_ref().expect("a removed slot held its PU");
+            let netns = p.netns_path();
+            if let Err(err) = firewall::remove(&netns) {
+                report.errors.push(format!("pu {}: {err}", p.name));
+            }
+            if let Err(err) = nft::remove(&netns) {
+                report.errors.push(format!("pu {}: {err}", p.name));
+            }
+            for w in &self.workers {
+                if let Err(err) = w.control.remove(i) {
+                    report.errors.push(format!("pu {}: {err}", p.name));
+                }
+            }
+            e.forget_pu(i);
+        }
+        self.slots = slots;
+        self.cfg = new;
+        Ok(report)
+    }
 }
 
 /// Program every PU's UDP/SCTP table from `l` (each PU's table is
 /// replaced in one transaction; an error names the PUs that kept their
 /// previous table).
-pub fn datagram_tables(cfg: &Config, e: &Enforcer, l: &Loaded) -> Result<(), String> {
+fn datagram_tables(slots: &[Option<PuConfig>], e: &Enforcer, l: &Loaded) -> Result<(), String> {
     let mut errs = Vec::new();
-    for (i, pu) in cfg.pus.iter().enumerate() {
+    for (i, pu) in slots.iter().enumerate() {
+        let Some(pu) = pu else { continue };
         let (t, notes) = e.datagram_tables(l, i);
         for n in notes {
             eprintln!("trireme-runtime: pu {}: {n}", pu.name);
@@ -209,18 +403,4 @@ pub fn datagram_tables(cfg: &Config, e: &Enforcer, l: &Loaded) -> Result<(), Str
     } else {
         Err(errs.join("; "))
     }
-}
-
-/// SIGHUP: load the ruleset again, program the kernel's datagram tables
-/// from it, then put it in force for new TCP handshakes. A ruleset that
-/// cannot be loaded changes nothing; `Ok(Some(_))` says which PUs kept
-/// their previous datagram table although the ruleset is in force.
-pub fn reload(cfg: &Config, e: &Enforcer) -> Result<Option<String>, String> {
-    let l = e.prepare(load_ruleset(cfg)?)?;
-    learn_local_ips(cfg, e)?;
-    let tables = datagram_tables(cfg, e, &l);
-    e.install(l);
-    Ok(tables
-        .err()
-        .map(|err| format!("datagram tables not replaced: {err}")))
 }

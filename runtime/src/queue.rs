@@ -4,12 +4,17 @@
 //! that the socket (and the queue it binds) belong to the namespace; then
 //! it polls them all with epoll. Never run on an async executor: `setns`
 //! changes the calling thread, and the poll blocks.
+//!
+//! A reload adds and removes PUs while the workers run: each worker takes
+//! commands on a channel, woken by an eventfd in its epoll set, so that
+//! the queue of a new PU is opened by the thread that will poll it.
 
 use crate::enforcer::{Enforcer, Hook, Verdict};
 use crate::firewall::{AUTH_MARK, PROVISIONAL_MARK, REVOKE_MARK};
 use crate::flows::FlowKey;
 use nfq::{Queue, Verdict as NfVerdict};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -47,8 +52,8 @@ const NF_INET_LOCAL_OUT: u8 = 3;
 /// on one thread, its packets handed from one PU's queue to the other's
 /// without a sleep or a switch between threads.
 pub struct Worker {
-    /// The PUs' network namespaces, in the node's PU order (a PU's index
-    /// is its position).
+    /// The PUs' network namespaces at start, in slot order (a PU's slot
+    /// is its position); `Control` adds and removes PUs later.
     pub pus: Vec<PathBuf>,
     pub queue: u16,
     /// Kernel queue length; packets beyond it are dropped (fail-closed).
@@ -68,15 +73,80 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A change to a worker's PUs.
+enum Command {
+    /// Open the queue in this namespace for the PU in this slot.
+    Add { slot: usize, netns: PathBuf },
+    /// Close the slot's queue (its held segments are dropped with it).
+    Remove { slot: usize },
+}
+
+type Reply = mpsc::Sender<Result<(), String>>;
+
+/// epoll's token for the command eventfd (sources use their slot).
+const CONTROL: u64 = u64::MAX;
+
+/// How a reload changes a running worker's PUs. Each call returns once
+/// the worker has done it, so that the caller programs a new PU's rules
+/// only after its queue listens (rules that queue to nobody drop).
+pub struct Control {
+    queue: u16,
+    tx: mpsc::Sender<(Command, Reply)>,
+    wake: Arc<EventFd>,
+}
+
+impl Control {
+    fn ask(&self, c: Command) -> Result<(), String> {
+        let (rtx, rrx) = mpsc::channel();
+        let gone = || format!("queue {}: the worker thread has ended", self.queue);
+        self.tx.send((c, rtx)).map_err(|_| gone())?;
+        self.wake
+            .write(1)
+            .map_err(|e| format!("queue {}: wake: {e}", self.queue))?;
+        match rrx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(format!("queue {}: no answer in 10 s", self.queue))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
+        }
+    }
+
+    /// Serve the PU in `slot` (a slot this worker does not serve yet).
+    pub fn add(&self, slot: usize, netns: &Path) -> Result<(), String> {
+        self.ask(Command::Add {
+            slot,
+            netns: netns.to_path_buf(),
+        })
+    }
+
+    /// Stop serving the PU in `slot`: its socket closes, and the kernel
+    /// drops what was queued on it.
+    pub fn remove(&self, slot: usize) -> Result<(), String> {
+        self.ask(Command::Remove { slot })
+    }
+}
+
+/// A running worker.
+pub struct Handle {
+    pub thread: std::thread::JoinHandle<()>,
+    pub control: Control,
+}
+
 /// Start a worker; returns once all its queues are bound (or one failed
 /// to bind), so that the caller can report a setup error instead of a
 /// silent hole.
-pub fn spawn(
-    w: Worker,
-    enforcer: Arc<Enforcer>,
-    stop: Arc<AtomicBool>,
-) -> Result<std::thread::JoinHandle<()>, String> {
+pub fn spawn(w: Worker, enforcer: Arc<Enforcer>, stop: Arc<AtomicBool>) -> Result<Handle, String> {
     let (tx, rx) = mpsc::channel::<Result<(), String>>();
+    let (ctl_tx, ctl_rx) = mpsc::channel();
+    let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+        .map(Arc::new)
+        .map_err(|e| format!("queue {}: eventfd: {e}", w.queue))?;
+    let control = Control {
+        queue: w.queue,
+        tx: ctl_tx,
+        wake: wake.clone(),
+    };
     let name = format!("nfq-{}", w.queue);
     let handle = std::thread::Builder::new()
         .name(name)
@@ -85,15 +155,7 @@ pub fn spawn(
             let opened = pinned.and_then(|()| {
                 w.pus
                     .iter()
-                    .enumerate()
-                    .map(|(pu, netns)| {
-                        open(netns, w.queue, w.max_len).map(|(q, fd)| Source {
-                            pu,
-                            q,
-                            fd,
-                            held: VecDeque::new(),
-                        })
-                    })
+                    .map(|netns| source(netns, &w).map(Some))
                     .collect::<Result<Vec<_>, _>>()
             });
             let mut sources = match opened {
@@ -108,7 +170,7 @@ pub fn spawn(
                     return;
                 }
             };
-            let ep = match poller(&mut sources) {
+            let ep = match poller(&sources, &wake) {
                 Ok(ep) => ep,
                 Err(e) => {
                     let _ = tx.send(Err(format!("queue {}: epoll: {e}", w.queue)));
@@ -116,14 +178,32 @@ pub fn spawn(
                 }
             };
             let _ = tx.send(Ok(()));
-            serve(&mut sources, &ep, &w, &enforcer, &stop);
+            let ctl = Commands {
+                rx: ctl_rx,
+                wake: &wake,
+            };
+            serve(&mut sources, &ep, &ctl, &w, &enforcer, &stop);
         })
         .map_err(|e| e.to_string())?;
     match rx.recv() {
-        Ok(Ok(())) => Ok(handle),
+        Ok(Ok(())) => Ok(Handle {
+            thread: handle,
+            control,
+        }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err("worker thread ended during setup".into()),
     }
+}
+
+/// A PU's queue for worker `w`, opened in its namespace.
+fn source(netns: &Path, w: &Worker) -> Result<Source, String> {
+    let (mut q, fd) = open(netns, w.queue, w.max_len)?;
+    q.set_nonblocking(true);
+    Ok(Source {
+        q,
+        fd,
+        held: VecDeque::new(),
+    })
 }
 
 /// Pin the calling thread to `cpus` (none: leave it free). This thread
@@ -211,24 +291,84 @@ pub fn open(netns: &Path, queue: u16, max_len: u32) -> Result<(Queue, RawFd), St
 
 /// One PU's queue in a worker, with the segments it holds.
 struct Source {
-    pu: usize,
     q: Queue,
     fd: RawFd,
     held: VecDeque<Held>,
 }
 
+/// The worker's end of its `Control`.
+struct Commands<'a> {
+    rx: mpsc::Receiver<(Command, Reply)>,
+    wake: &'a EventFd,
+}
+
+fn watch(ep: &Epoll, s: &Source, slot: usize) -> nix::Result<()> {
+    // SAFETY: the socket is owned by `s.q`; it leaves the epoll set
+    // before it closes (a removal), or both go when the worker returns.
+    let fd = unsafe { BorrowedFd::borrow_raw(s.fd) };
+    ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, slot as u64))
+}
+
 /// An epoll set over the sources' sockets (level-triggered: a socket
-/// left with packets after a batch is reported again).
-fn poller(sources: &mut [Source]) -> nix::Result<Epoll> {
+/// left with packets after a batch is reported again) and the command
+/// eventfd.
+fn poller(sources: &[Option<Source>], wake: &EventFd) -> nix::Result<Epoll> {
     let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-    for (i, s) in sources.iter_mut().enumerate() {
-        s.q.set_nonblocking(true);
-        // SAFETY: the socket is owned by `s.q`, which outlives the epoll
-        // set (both live until the worker returns).
-        let fd = unsafe { BorrowedFd::borrow_raw(s.fd) };
-        ep.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+    for (slot, s) in sources.iter().enumerate() {
+        if let Some(s) = s {
+            watch(&ep, s, slot)?;
+        }
     }
+    ep.add(wake, EpollEvent::new(EpollFlags::EPOLLIN, CONTROL))?;
     Ok(ep)
+}
+
+/// Carry out the pending commands; returns how many held segments went
+/// with removed sources.
+fn commands(
+    sources: &mut Vec<Option<Source>>,
+    ep: &Epoll,
+    ctl: &Commands,
+    w: &Worker,
+    enforcer: &Enforcer,
+) -> usize {
+    let _ = ctl.wake.read();
+    let mut dropped = 0;
+    while let Ok((c, reply)) = ctl.rx.try_recv() {
+        let r = match c {
+            Command::Add { slot, netns } => {
+                if sources.len() <= slot {
+                    sources.resize_with(slot + 1, || None);
+                }
+                if sources[slot].is_some() {
+                    Err(format!("queue {}: slot {slot} is taken", w.queue))
+                } else {
+                    source(&netns, w).and_then(|s| {
+                        watch(ep, &s, slot)
+                            .map_err(|e| format!("queue {}: epoll: {e}", w.queue))?;
+                        sources[slot] = Some(s);
+                        Ok(())
+                    })
+                }
+            }
+            Command::Remove { slot } => {
+                if let Some(s) = sources.get_mut(slot).and_then(Option::take) {
+                    // SAFETY: as in `watch`; the socket is still open.
+                    let fd = unsafe { BorrowedFd::borrow_raw(s.fd) };
+                    let _ = ep.delete(fd);
+                    for _ in &s.held {
+                        enforcer.unhold();
+                        enforcer.counters.inc("dropped");
+                        enforcer.counters.inc("pu_removed");
+                    }
+                    dropped += s.held.len();
+                }
+                Ok(())
+            }
+        };
+        let _ = reply.send(r);
+    }
+    dropped
 }
 
 /// Packets taken from one queue before looking at the others: a flood
@@ -272,13 +412,20 @@ fn sweep(s: &mut Source, enforcer: &Enforcer) {
 /// The worker's loop. What it does per wake-up does not grow with the
 /// number of PUs: it visits the sockets epoll reports, and those whose
 /// last batch was full.
-fn serve(sources: &mut [Source], ep: &Epoll, w: &Worker, enforcer: &Enforcer, stop: &AtomicBool) {
+fn serve(
+    sources: &mut Vec<Option<Source>>,
+    ep: &Epoll,
+    ctl: &Commands,
+    w: &Worker,
+    enforcer: &Enforcer,
+    stop: &AtomicBool,
+) {
     let spin = std::time::Duration::from_micros(w.spin_us);
     let mut last = std::time::Instant::now();
-    let mut events = vec![EpollEvent::empty(); sources.len().clamp(1, 256)];
+    let mut events = vec![EpollEvent::empty(); 256];
     // Sources whose last batch ended full: their socket (or the crate's
     // buffer) may still hold packets that epoll would not report again.
-    let (mut pending, mut full) = (Vec::new(), Vec::new());
+    let (mut pending, mut full): (Vec<usize>, Vec<usize>) = (Vec::new(), Vec::new());
     // Segments held by all the sources together.
     let mut held = 0usize;
     while !stop.load(Ordering::Relaxed) {
@@ -298,13 +445,25 @@ fn serve(sources: &mut [Source], ep: &Epoll, w: &Worker, enforcer: &Enforcer, st
                 continue;
             }
         };
+        if events[..n].iter().any(|e| e.data() == CONTROL) {
+            held -= commands(sources, ep, ctl, w, enforcer);
+            // Removed sources leave this list; reported events of theirs
+            // find an empty slot below.
+            pending.retain(|&i| sources[i].is_some());
+        }
         // A source both reported and pending is drained twice: the second
         // time costs one empty non-blocking read.
-        let ready = events[..n].iter().map(|e| e.data() as usize);
+        let ready = events[..n]
+            .iter()
+            .map(|e| e.data())
+            .filter(|&d| d != CONTROL)
+            .map(|d| d as usize);
         for i in ready.chain(pending.drain(..)) {
-            let s = &mut sources[i];
+            let Some(s) = sources.get_mut(i).and_then(Option::as_mut) else {
+                continue;
+            };
             let before = s.held.len();
-            let got = drain(s, w, enforcer);
+            let got = drain(s, i, w, enforcer);
             held = held - before + s.held.len();
             if got == BATCH && !full.contains(&i) {
                 full.push(i);
@@ -315,10 +474,10 @@ fn serve(sources: &mut [Source], ep: &Epoll, w: &Worker, enforcer: &Enforcer, st
         }
         std::mem::swap(&mut pending, &mut full);
         if held > 0 {
-            for s in sources.iter_mut().filter(|s| !s.held.is_empty()) {
+            for s in sources.iter_mut().flatten().filter(|s| !s.held.is_empty()) {
                 sweep(s, enforcer);
             }
-            held = sources.iter().map(|s| s.held.len()).sum();
+            held = sources.iter().flatten().map(|s| s.held.len()).sum();
             if n == 0 && pending.is_empty() {
                 // Nothing arrived: look again in a while (held segments
                 // are rare and short-lived; this wait is not on the
@@ -330,7 +489,7 @@ fn serve(sources: &mut [Source], ep: &Epoll, w: &Worker, enforcer: &Enforcer, st
 }
 
 /// Handle up to `BATCH` packets of one queue; returns how many.
-fn drain(s: &mut Source, w: &Worker, enforcer: &Enforcer) -> usize {
+fn drain(s: &mut Source, pu: usize, w: &Worker, enforcer: &Enforcer) -> usize {
     for done in 0..BATCH {
         let mut msg = match s.q.recv() {
             Ok(m) => m,
@@ -338,7 +497,7 @@ fn drain(s: &mut Source, w: &Worker, enforcer: &Enforcer) -> usize {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return done,
             Err(e) => {
                 enforcer.counters.inc("queue_recv_errors");
-                eprintln!("trireme-runtime: queue {} of pu {}: {e}", w.queue, s.pu);
+                eprintln!("trireme-runtime: queue {} of pu slot {pu}: {e}", w.queue);
                 // A socket that keeps failing must not spin this thread
                 // (nor flood the log).
                 std::thread::sleep(std::time::Duration::from_millis(10));
@@ -355,7 +514,7 @@ fn drain(s: &mut Source, w: &Worker, enforcer: &Enforcer) -> usize {
                 continue;
             }
         };
-        let v = enforcer.handle(s.pu, hook, msg.get_payload(), now_ms());
+        let v = enforcer.handle(pu, hook, msg.get_payload(), now_ms());
         let authorized = matches!(v, Verdict::Authorize(_));
         match v {
             Verdict::Accept => msg.set_verdict(NfVerdict::Accept),

@@ -873,3 +873,167 @@ fn an_outgoing_syn_never_inherits_the_mark_of_an_older_connection() {
         lab.stats(i)
     );
 }
+
+const SHOP: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: api}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+    ports: [{port: 80}]
+"#;
+
+/// Whether anything of ours is in `h`'s namespace: our iptables chains
+/// or our nftables table.
+fn has_our_rules(h: &Host) -> bool {
+    let out = |args: &[&str]| {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (_, ipt) = out(&["iptables-save"]);
+    let (_, ip6t) = out(&["ip6tables-save"]);
+    let (table, _) = out(&["nft", "list", "table", "inet", "trireme"]);
+    ipt.contains("TRIREME") || ip6t.contains("TRIREME") || table
+}
+
+/// SIGHUP reads the config again and carries out the difference while
+/// the node runs: a PU added gets its queues and rules (and is enforced
+/// at once), a PU removed loses everything we put in its namespace, a PU
+/// relabelled is judged by its new labels on new connections, and a
+/// removed PU's slot serves a PU added later. A reload that changes a
+/// restart-only setting, names a namespace that does not exist or is not
+/// valid YAML is refused and changes nothing.
+#[test]
+fn a_reload_adds_removes_and_relabels_pus() {
+    if skip() {
+        return;
+    }
+    let mut lab = lab("u");
+    let cli = lab.host("cli", "198.18.1.80", "fd00::1:80");
+    let api1 = lab.host("api1", "198.18.1.81", "fd00::1:81");
+    let api2 = lab.host("api2", "198.18.1.82", "fd00::1:82");
+    let other = lab.host("other", "198.18.1.84", "fd00::1:84");
+    for h in [&api1, &api2] {
+        serve(h, h.ip4, 80);
+    }
+    let rs = lab.compile("rs.bin", SHOP);
+    let k = psk(&lab.dir, "psk.key", 3);
+    let pu = |name: &str, h: &Host, role: &str| {
+        format!(
+            "- {{name: {name}, netns: {}, namespace: shop, labels: {{role: {role}}}}}\n",
+            h.ns
+        )
+    };
+    let config = |extra: &str, pus: &[String]| {
+        format!(
+            "node: node-u\nruleset: {}\nkeys: {k}\n{extra}pus:\n{}",
+            rs.display(),
+            pus.concat()
+        )
+    };
+    let i = lab.start(
+        "u",
+        &config("", &[pu("cli", &cli, "client"), pu("api1", &api1, "api")]),
+    );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let nfq = |lab: &Lab| {
+        thread_cpus(lab.runtimes[i].pid())
+            .into_iter()
+            .filter(|(comm, _)| comm.starts_with("nfq-"))
+            .count()
+    };
+    assert!(probe(&cli, at(&api1, 80)), "client -> api1");
+    assert!(!probe(&other, at(&api1, 80)), "api1 admits clients only");
+    assert!(has_our_rules(&api1) && !has_our_rules(&api2));
+
+    // api1 goes, api2 comes, cli is relabelled.
+    let line = lab.reconfigure(
+        i,
+        &config("", &[pu("cli", &cli, "stranger"), pu("api2", &api2, "api")]),
+    );
+    assert!(
+        line.contains("added: api2; removed: api1; changed: cli; 2 PUs"),
+        "{line}"
+    );
+    assert!(!has_our_rules(&api1), "a removed PU keeps nothing of ours");
+    assert!(has_our_rules(&api2));
+    assert_eq!(nfq(&lab), cpus, "the same workers serve the new PU");
+    let denied = lab.counter(i, "ingress_denied");
+    assert!(!probe(&cli, at(&api2, 80)), "a stranger may not reach api2");
+    assert!(
+        lab.counter(i, "ingress_denied") > denied,
+        "{}",
+        lab.stats(i)
+    );
+    assert!(
+        probe(&cli, at(&api1, 80)),
+        "api1 is not enforced any more (cli has no egress policy)"
+    );
+
+    // cli is a client again; api1 comes back, into the slot it left.
+    let line = lab.reconfigure(
+        i,
+        &config(
+            "",
+            &[
+                pu("cli", &cli, "client"),
+                pu("api2", &api2, "api"),
+                pu("api1", &api1, "api"),
+            ],
+        ),
+    );
+    assert!(
+        line.contains("added: api1; removed: none; changed: cli; 3 PUs"),
+        "{line}"
+    );
+    for _ in 0..5 {
+        assert!(probe(&cli, at(&api2, 80)), "client -> api2");
+        assert!(probe(&cli, at(&api1, 80)), "client -> api1");
+    }
+    assert!(!probe(&other, at(&api1, 80)), "api1 is enforced again");
+
+    // Refused, and nothing changes.
+    let good = config(
+        "",
+        &[
+            pu("cli", &cli, "client"),
+            pu("api2", &api2, "api"),
+            pu("api1", &api1, "api"),
+        ],
+    );
+    let line = lab.reconfigure(i, &config("maxFlows: 999\n", &[pu("cli", &cli, "client")]));
+    assert!(
+        line.contains("reload refused") && line.contains("maxFlows changed"),
+        "{line}"
+    );
+    let line = lab.reconfigure(
+        i,
+        &(good.clone() + "- {name: ghost, netns: trireme-no-such-ns, labels: {role: api}}\n"),
+    );
+    assert!(
+        line.contains("reload refused") && line.contains("pu ghost"),
+        "{line}"
+    );
+    let line = lab.reconfigure(i, "node: [unclosed\n");
+    assert!(
+        line.contains("reload refused") && line.contains("u.yaml"),
+        "{line}"
+    );
+    assert!(has_our_rules(&api1) && has_our_rules(&api2));
+    assert!(probe(&cli, at(&api2, 80)) && probe(&cli, at(&api1, 80)));
+    assert!(!probe(&other, at(&api2, 80)));
+    let line = lab.reconfigure(i, &good);
+    assert!(
+        line.contains("added: none; removed: none; changed: none"),
+        "{line}"
+    );
+}

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use std::collections::HashMap;
 use trireme_compiler::model::Identity;
 use trireme_compiler::ruleset::Ruleset;
-use trireme_runtime::enforcer::{Enforcer, Hook, Pu, Verdict};
+use trireme_runtime::enforcer::{Enforcer, Hook, Inventory, Pu, Verdict};
 use trireme_runtime::flows::FlowKey;
 use trireme_tokens::handshake::{Config, Credentials, Engine};
 use trireme_tokens::keys::Psk;
@@ -388,4 +388,44 @@ fn holding_is_bounded_node_wide() {
     assert!(!b.try_hold(), "the node holds at most HOLD_MAX segments");
     b.unhold();
     assert!(b.try_hold());
+}
+
+/// A PU removed by a reload: its packets still in the queue are dropped
+/// (nothing is allowed for a PU that is gone), its handshakes are
+/// forgotten, and a PU that later takes its slot starts clean.
+#[test]
+fn a_removed_pus_slot_allows_nothing_and_is_reused_clean() {
+    let (a, b) = (node("node-a", "client", 64), node("node-b", "server", 64));
+    let p = packets(40100);
+    let syn = rewritten(a.handle(0, Hook::Out, &p.syn, NOW));
+    rewritten(b.handle(0, Hook::In, &syn, NOW));
+    assert_eq!(b.flow_stats().0, 1, "the responder remembers the SYN");
+    let server = b.pus()[0].1.clone();
+    let rs = || Ruleset::new(vec![], vec![]);
+    let gone = Inventory {
+        pus: vec![None],
+        ..Inventory::default()
+    };
+    b.install(b.prepare_with(rs(), gone).unwrap());
+    b.forget_pu(0);
+    assert_eq!(b.flow_stats().0, 0);
+    assert!(b.pus().is_empty());
+    assert_eq!(
+        b.handle(0, Hook::Out, &p.synack, NOW),
+        Verdict::Drop("unknown_pu")
+    );
+    assert_eq!(
+        b.handle(0, Hook::In, &syn, NOW),
+        Verdict::Drop("unknown_pu")
+    );
+    assert_eq!(b.counters.get("unknown_pu"), 2);
+    // The slot serves a PU again: a fresh handshake completes.
+    let back = Inventory {
+        pus: vec![Some(server)],
+        ..Inventory::default()
+    };
+    b.install(b.prepare_with(rs(), back).unwrap());
+    let p = packets(40101);
+    let (_, vb) = handshake(&a, &b, &p, NOW + 1);
+    assert_eq!(vb, Verdict::Authorize(Some(p.ack.clone())));
 }
