@@ -514,6 +514,12 @@ impl Enforcer {
         self.swap(Arc::new(self.policy().with_inventory(inv)));
     }
 
+    /// Put back what `policy()` returned before a reload that failed
+    /// half-way (not a policy update: nothing new came into force).
+    pub fn restore(&self, l: Arc<Loaded>) {
+        self.swap(l);
+    }
+
     fn swap(&self, l: Arc<Loaded>) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = l;
     }

@@ -244,6 +244,13 @@ impl Node {
         })
     }
 
+    /// Close the queues opened for (worker, slot) pairs.
+    fn close(&self, opened: &[(usize, usize)]) {
+        for &(w, i) in opened {
+            let _ = self.workers[w].control.remove(i);
+        }
+    }
+
     /// The number of PUs served.
     pub fn pus(&self) -> usize {
         self.slots.iter().flatten().count()
@@ -254,12 +261,12 @@ impl Node {
         &self.cfg
     }
 
-    /// SIGHUP: put `new` in force. A PU is known by its name: one that
-    /// is new, or whose namespace changed, is added (its queues open
-    /// before its rules go in); one that is gone is removed (its rules,
-    /// tables and queues go); one whose labels or other fields changed
-    /// keeps its queues and rules and gets its new identity for new
-    /// connections. The ruleset file is read again. Any error before the
+    /// SIGHUP: put `new` in force. A PU is known by its namespace: one
+    /// in a namespace not served yet is added (its queues open before its
+    /// rules go in); one whose namespace is not listed any more is
+    /// removed (its rules, tables and queues go); one whose name, labels
+    /// or other fields changed keeps its queues and rules and gets its
+    /// new identity for new connections. The ruleset file is read again. Any error before the
     /// swap leaves the node exactly as it was; settings that only a
     /// restart can change make the reload fail, naming them.
     pub fn reload(&mut self, new: Config) -> Result<Reloaded, String> {
@@ -274,16 +281,22 @@ impl Node {
         let mut report = Reloaded::default();
         let mut slots = self.slots.clone();
         let mut removed = Vec::new();
+        // A PU is its namespace (that is where its rules and queues are):
+        // one that keeps its namespace keeps its slot, renamed or not.
         for (i, slot) in self.slots.iter().enumerate() {
             let Some(old) = slot else { continue };
-            match new.pus.iter().find(|p| p.name == old.name) {
-                Some(p) if p.netns_path() == old.netns_path() => {
-                    if p != old {
+            match new.pus.iter().find(|p| p.netns_path() == old.netns_path()) {
+                Some(p) => {
+                    if p.name != old.name {
+                        report
+                            .changed
+                            .push(format!("{} (was {})", p.name, old.name));
+                    } else if p != old {
                         report.changed.push(p.name.clone());
                     }
                     slots[i] = Some(p.clone());
                 }
-                _ => {
+                None => {
                     removed.push(i);
                     slots[i] = None;
                     report.removed.push(old.name.clone());
@@ -299,7 +312,7 @@ impl Node {
                 .slots
                 .iter()
                 .flatten()
-                .any(|o| o.name == p.name && o.netns_path() == p.netns_path());
+                .any(|o| o.netns_path() == p.netns_path());
             if kept {
                 continue;
             }
@@ -314,35 +327,52 @@ impl Node {
         let e = self.enforcer.clone();
         let rs = load_ruleset(&new)?;
         warn_fail_open_plugins(&rs);
-        let l = e.prepare_with(rs, inventory(&new, &slots, true)?)?;
+        let inv = inventory(&new, &slots, true)?;
+        let old = e.policy();
+        // What is in force while the new PUs' rules go in: the current
+        // ruleset and PUs, plus the new PUs, so that their first packets
+        // (queued as soon as a rule exists) find their slot.
+        let interim = {
+            let mut i = old.inventory().clone();
+            i.pus.resize(slots.len(), None);
+            for &s in &added {
+                i.pus[s] = inv.pus[s].clone();
+            }
+            for (ip, s) in &inv.local_ips {
+                if added.contains(s) {
+                    i.local_ips.insert(*ip, *s);
+                }
+            }
+            i
+        };
+        let l = e.prepare_with(rs, inv)?;
         // The new PUs' queues, then their rules; undone on any error.
         let mut listening = Vec::new();
-        let mut programmed = Vec::new();
-        let undo =
-            |listening: &[(usize, usize)], programmed: &[usize], slots: &[Option<PuConfig>]| {
-                for &i in programmed {
-                    if let Some(p) = &slots[i] {
-                        let _ = firewall::remove(&p.netns_path());
-                    }
-                }
-                for &(w, i) in listening {
-                    let _ = self.workers[w].control.remove(i);
-                }
-            };
         for &i in &added {
             let p = slots[i].as_ref().expect("an added slot holds its PU");
             for (w, worker) in self.workers.iter().enumerate() {
                 if let Err(err) = worker.control.add(i, &p.netns_path()) {
-                    undo(&listening, &programmed, &slots);
+                    self.close(&listening);
                     return Err(format!("pu {}: {err}", p.name));
                 }
                 listening.push((w, i));
             }
+        }
+        if !added.is_empty() {
+            e.install_inventory(interim);
+        }
+        for (n, &i) in added.iter().enumerate() {
+            let p = slots[i].as_ref().expect("an added slot holds its PU");
             if let Err(err) = firewall::apply(&p.netns_path(), &self.opts) {
-                undo(&listening, &programmed, &slots);
+                for &j in &added[..=n] {
+                    if let Some(q) = &slots[j] {
+                        let _ = firewall::remove(&q.netns_path());
+                    }
+                }
+                e.restore(old);
+                self.close(&listening);
                 return Err(format!("pu {}: {err}", p.name));
             }
-            programmed.push(i);
         }
         if let Err(err) = datagram_tables(&slots, &e, &l) {
             report

@@ -280,7 +280,17 @@ pub fn open(netns: &Path, queue: u16, max_len: u32) -> Result<(Queue, RawFd), St
     let f = File::open(netns).map_err(|e| ctx("open netns", &e))?;
     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| ctx("setns", &e))?;
     let (mut q, fd) = queue_with_fd().map_err(|e| ctx("open", &e))?;
-    q.bind(queue).map_err(|e| ctx("bind", &e))?;
+    q.bind(queue).map_err(|e| {
+        // The kernel answers EPERM when another socket has the queue.
+        if e.raw_os_error() == Some(nix::libc::EPERM) {
+            ctx(
+                "bind",
+                &"another process serves this queue in this namespace (another enforcer?)",
+            )
+        } else {
+            ctx("bind", &e)
+        }
+    })?;
     q.set_queue_max_len(queue, max_len)
         .map_err(|e| ctx("max len", &e))?;
     // Whole packets: we rewrite them.

@@ -908,8 +908,9 @@ fn has_our_rules(h: &Host) -> bool {
 /// SIGHUP reads the config again and carries out the difference while
 /// the node runs: a PU added gets its queues and rules (and is enforced
 /// at once), a PU removed loses everything we put in its namespace, a PU
-/// relabelled is judged by its new labels on new connections, and a
-/// removed PU's slot serves a PU added later. A reload that changes a
+/// relabelled is judged by its new labels on new connections, a PU
+/// renamed in the same namespace stays, and a removed PU's slot serves a
+/// PU added later. A reload that changes a
 /// restart-only setting, names a namespace that does not exist or is not
 /// valid YAML is refused and changes nothing.
 #[test]
@@ -979,20 +980,22 @@ fn a_reload_adds_removes_and_relabels_pus() {
         "api1 is not enforced any more (cli has no egress policy)"
     );
 
-    // cli is a client again; api1 comes back, into the slot it left.
+    // cli is a client again, api2 is renamed (same namespace: the same
+    // PU, its queues and rules kept); api1 comes back, into the slot it
+    // left.
     let line = lab.reconfigure(
         i,
         &config(
             "",
             &[
                 pu("cli", &cli, "client"),
-                pu("api2", &api2, "api"),
+                pu("api-two", &api2, "api"),
                 pu("api1", &api1, "api"),
             ],
         ),
     );
     assert!(
-        line.contains("added: api1; removed: none; changed: cli; 3 PUs"),
+        line.contains("added: api1; removed: none; changed: cli, api-two (was api2); 3 PUs"),
         "{line}"
     );
     for _ in 0..5 {
@@ -1006,7 +1009,7 @@ fn a_reload_adds_removes_and_relabels_pus() {
         "",
         &[
             pu("cli", &cli, "client"),
-            pu("api2", &api2, "api"),
+            pu("api-two", &api2, "api"),
             pu("api1", &api1, "api"),
         ],
     );
@@ -1022,6 +1025,29 @@ fn a_reload_adds_removes_and_relabels_pus() {
     assert!(
         line.contains("reload refused") && line.contains("pu ghost"),
         "{line}"
+    );
+    // A namespace another runtime serves: its queues cannot be bound.
+    let taken = lab.host("taken", "198.18.1.85", "fd00::1:85");
+    serve(&taken, taken.ip4, 80);
+    let other_node = format!(
+        "node: node-v\nruleset: {}\nkeys: {k}\npus:\n{}",
+        rs.display(),
+        pu("taken", &taken, "api")
+    );
+    let v = lab.start("v", &other_node);
+    let line = lab.reconfigure(i, &(good.clone() + &pu("taken", &taken, "api")));
+    assert!(
+        line.contains("reload refused")
+            && line.contains("pu taken")
+            && line.contains("another enforcer?"),
+        "{line}"
+    );
+    assert!(has_our_rules(&taken), "the other runtime's rules stay");
+    assert!(!probe(&other, at(&taken, 80)), "and it still enforces");
+    assert!(
+        lab.counter(v, "ingress_denied_by_ip") >= 1,
+        "{}",
+        lab.stats(v)
     );
     let line = lab.reconfigure(i, "node: [unclosed\n");
     assert!(
