@@ -55,6 +55,7 @@ fn write_stats(path: &Option<PathBuf>, e: &Enforcer) {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into()))
         .collect();
+    m.insert("pus".into(), e.pus().len().into());
     m.insert("flows_in_handshake".into(), flows.into());
     m.insert("flows_evicted".into(), evicted.into());
     m.insert("flows_expired".into(), expired.into());

@@ -965,6 +965,7 @@ fn a_reload_adds_removes_and_relabels_pus() {
         line.contains("added: api2; removed: api1; changed: cli; 2 PUs"),
         "{line}"
     );
+    assert_eq!(lab.counter(i, "pus"), 2);
     assert!(!has_our_rules(&api1), "a removed PU keeps nothing of ours");
     assert!(has_our_rules(&api2));
     assert_eq!(nfq(&lab), cpus, "the same workers serve the new PU");
@@ -1003,6 +1004,7 @@ fn a_reload_adds_removes_and_relabels_pus() {
         assert!(probe(&cli, at(&api1, 80)), "client -> api1");
     }
     assert!(!probe(&other, at(&api1, 80)), "api1 is enforced again");
+    assert_eq!(lab.counter(i, "pus"), 3);
 
     // Refused, and nothing changes.
     let good = config(
