@@ -176,9 +176,29 @@ fn without_table() -> Batch<'static> {
     b
 }
 
-/// The whole table, replacing any previous one in the same transaction.
-pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
-    let mut b = without_table();
+/// How `render` brings the table to its new content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Keep the table and its chains; empty and refill its chains and
+    /// sets. The base chains stay registered: unregistering a netfilter
+    /// hook makes the kernel drop every packet waiting in the
+    /// namespace's NFQUEUEs (the handshake packets our workers have not
+    /// answered yet), which then wait for a retransmission, 1 s for a
+    /// SYN. So a reload uses this.
+    InPlace,
+    /// Delete the table and build it again: for a table left by a version
+    /// whose sets or chains were declared otherwise, where `InPlace`
+    /// fails.
+    Replace,
+}
+
+/// The whole table, in one transaction.
+pub fn render(t: &PuTables, mode: Mode) -> nftables::schema::Nftables<'static> {
+    use nftables::schema::{FlushObject, NfCmd};
+    let mut b = match mode {
+        Mode::InPlace => Batch::new(),
+        Mode::Replace => without_table(),
+    };
     b.add(ours());
     let dirs = [
         ("in", true, [&t.in4, &t.in6]),
@@ -187,8 +207,16 @@ pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
     for (dir, _, tables) in &dirs {
         for (v6, tab) in [(false, tables[0]), (true, tables[1])] {
             let fam = if v6 { 6 } else { 4 };
-            b.add(set(&format!("{dir}{fam}_allow"), v6, &tab.allow));
-            b.add(set(&format!("{dir}{fam}_ask"), v6, &tab.ask));
+            for (kind, elems) in [("allow", &tab.allow), ("ask", &tab.ask)] {
+                let name = format!("{dir}{fam}_{kind}");
+                if mode == Mode::InPlace {
+                    b.add(set(&name, v6, &[]));
+                    if let NfListObject::Set(decl) = set(&name, v6, &[]) {
+                        b.add_cmd(NfCmd::Flush(FlushObject::Set(decl)));
+                    }
+                }
+                b.add(set(&name, v6, elems));
+            }
         }
     }
     let chain = |name: String, hook: Option<NfHook>| {
@@ -219,9 +247,26 @@ pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
             Expression::Number(CT_MARK),
         ]))),
     });
+    // Declared (a no-op for a chain that exists), then emptied: the
+    // rules below are the chains' whole content.
+    let mut declare = |c: NfListObject<'static>| {
+        b.add(c.clone());
+        if let (Mode::InPlace, NfListObject::Chain(c)) = (mode, c) {
+            b.add_cmd(NfCmd::Flush(FlushObject::Chain(c)));
+        }
+    };
+    for (dir, input, _) in &dirs {
+        declare(chain(format!("{dir}_new"), None));
+        let base = if *input { "input" } else { "output" };
+        let hook = if *input {
+            NfHook::Input
+        } else {
+            NfHook::Output
+        };
+        declare(chain(base.into(), Some(hook)));
+    }
     for (dir, input, _) in &dirs {
         let new = format!("{dir}_new");
-        b.add(chain(new.clone(), None));
         let lo = if *input {
             MetaKey::Iifname
         } else {
@@ -261,14 +306,6 @@ pub fn render(t: &PuTables) -> nftables::schema::Nftables<'static> {
             ],
         ));
         let base = if *input { "input" } else { "output" };
-        b.add(chain(
-            base.into(),
-            Some(if *input {
-                NfHook::Input
-            } else {
-                NfHook::Output
-            }),
-        ));
         // Every TCP packet crosses this chain; one comparison sends it on
         // to the handshake chains instead of a set lookup in each of five
         // rules.
@@ -295,11 +332,18 @@ fn nft_in(netns: &Path) -> (String, Vec<String>) {
     )
 }
 
-/// Install or atomically replace our table in the namespace at `netns`.
-pub fn apply(netns: &Path, t: &PuTables) -> Result<(), String> {
+/// Install our table in the namespace at `netns`, or bring it to `t` in
+/// one transaction without unregistering its hooks (`Mode::InPlace`);
+/// a table that cannot be updated in place (declared otherwise by an
+/// older version) is replaced.
+pub fn apply(netns: &Path, t: &PuTables) -> Result<Mode, String> {
     let (prog, args) = nft_in(netns);
-    nftables::helper::apply_ruleset_with_args(&render(t), Some(&prog), &args)
-        .map_err(|e| format!("nft in {}: {e}", netns.display()))
+    let run = |mode| {
+        nftables::helper::apply_ruleset_with_args(&render(t, mode), Some(&prog), &args)
+            .map(|()| mode)
+            .map_err(|e| format!("nft in {}: {e}", netns.display()))
+    };
+    run(Mode::InPlace).or_else(|_| run(Mode::Replace))
 }
 
 /// Remove our table (absent is fine).
@@ -332,12 +376,21 @@ mod tests {
             in4,
             ..PuTables::default()
         };
-        let json = serde_json::to_string(&render(&t)).unwrap();
+        let json = serde_json::to_string(&render(&t, Mode::Replace)).unwrap();
         assert!(
             json.starts_with(r#"{"nftables":[{"add":{"table""#),
             "{json}"
         );
         assert!(json.contains(r#"{"delete":{"table":{"family":"inet","name":"trireme"}}}"#));
+        // In place: nothing is deleted (the base chains keep their hooks);
+        // every set and chain is emptied, then refilled.
+        let in_place = serde_json::to_string(&render(&t, Mode::InPlace)).unwrap();
+        assert!(!in_place.contains("delete"), "{in_place}");
+        assert_eq!(in_place.matches(r#"{"flush":{"set""#).count(), 8);
+        assert_eq!(in_place.matches(r#"{"flush":{"chain""#).count(), 4);
+        assert!(in_place.find(r#"{"flush":{"set""#) < in_place.find(r#""elem""#));
+        let body = |j: &str| j[j.find(r#"{"add":{"rule""#).unwrap()..].to_string();
+        assert_eq!(body(&json), body(&in_place), "the same rules either way");
         assert!(
             json.contains(
                 r#""elem":[{"concat":[{"range":["198.18.0.0","198.18.0.255"]},"udp",53]}]"#

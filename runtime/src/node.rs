@@ -418,8 +418,13 @@ fn datagram_tables(slots: &[Option<PuConfig>], e: &Enforcer, l: &Loaded) -> Resu
             .map(|t| t.allow.len() + t.ask.len())
             .sum::<usize>();
         match nft::apply(&pu.netns_path(), &t) {
-            Ok(()) => {
+            Ok(mode) => {
                 e.counters.inc("datagram_tables_applied");
+                if mode == nft::Mode::Replace {
+                    // Its hooks were re-registered: the PU's queued
+                    // handshake packets were dropped (nft::Mode).
+                    e.counters.inc("datagram_tables_rebuilt");
+                }
                 e.counters.add("datagram_set_elements", elements as u64);
             }
             Err(err) => {
