@@ -505,6 +505,14 @@ fn drain(s: &mut Source, pu: usize, w: &Worker, enforcer: &Enforcer) -> usize {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return done,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return done,
+            // The kernel's answer to a verdict on a packet it no longer
+            // holds: it flushed the queue while we decided (a netfilter
+            // hook unregistered in the namespace, an interface gone).
+            // The packet is lost, not the socket: count it and go on.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {
+                enforcer.counters.inc("queue_stale_verdicts");
+                continue;
+            }
             Err(e) => {
                 enforcer.counters.inc("queue_recv_errors");
                 eprintln!("trireme-runtime: queue {} of pu slot {pu}: {e}", w.queue);

@@ -1154,3 +1154,48 @@ fn reloads_do_not_disturb_the_other_pus() {
     assert_eq!(thread_cpus(pid).len(), threads);
     assert!(!has_our_rules(&extra));
 }
+
+/// The kernel drops the packets waiting in a namespace's queues when a
+/// netfilter hook is unregistered there (someone deletes an nftables
+/// table of theirs, say). Our verdict on such a packet comes back as an
+/// error: it is counted, costs no pause and no log line, and the
+/// client's retransmitted SYN connects.
+#[test]
+fn a_packet_flushed_from_a_queue_costs_one_retransmission() {
+    if skip() {
+        return;
+    }
+    let (mut lab, web, i) = one_pu_node("f", "198.18.1.94", "");
+    let cli = lab.host("cli", "198.18.1.95", "fd00::1:95");
+    serve(&web, web.ip4, 80);
+    assert!(probe(&cli, at(&web, 80)), "web has no ingress policy");
+    // The runtime stopped, a SYN waits in web's queue.
+    lab.signal(i, Signal::SIGSTOP);
+    let client = {
+        let (cli, to) = (cli.clone(), at(&web, 80));
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            let ok = fetch(&cli, to, 64, Duration::from_secs(5)).is_some();
+            (ok, t.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let nft = |cmd: &str| sh(&["ip", "netns", "exec", &web.ns, "nft", cmd]);
+    nft("add table inet other");
+    nft("add chain inet other c { type filter hook input priority 5; }");
+    nft("delete table inet other");
+    lab.signal(i, Signal::SIGCONT);
+    let (ok, took) = client.join().unwrap();
+    assert!(ok, "the retransmitted SYN connects");
+    assert!(
+        took >= Duration::from_millis(900),
+        "the first SYN was lost: {took:?}"
+    );
+    assert!(
+        lab.counter(i, "queue_stale_verdicts") >= 1,
+        "{}",
+        lab.stats(i)
+    );
+    assert_eq!(lab.counter(i, "queue_recv_errors"), 0);
+    assert!(!lab.log(i).contains("of pu slot"), "{}", lab.log(i));
+}
