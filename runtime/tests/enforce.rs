@@ -1179,11 +1179,29 @@ fn a_packet_flushed_from_a_queue_costs_one_retransmission() {
             (ok, t.elapsed())
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // Until the kernel says a packet waits (the third field of each
+    // queue's line is the number waiting).
+    let waiting = || {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &web.ns, "cat"])
+            .arg("/proc/net/netfilter/nfnetlink_queue")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let t0 = std::time::Instant::now();
+    while waiting() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no SYN queued");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let nft = |cmd: &str| sh(&["ip", "netns", "exec", &web.ns, "nft", cmd]);
     nft("add table inet other");
     nft("add chain inet other c { type filter hook input priority 5; }");
     nft("delete table inet other");
+    assert_eq!(waiting(), 0, "unregistering a hook flushed the queue");
     lab.signal(i, Signal::SIGCONT);
     let (ok, took) = client.join().unwrap();
     assert!(ok, "the retransmitted SYN connects");
