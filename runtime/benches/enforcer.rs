@@ -188,22 +188,30 @@ fn abort(s: TcpStream) {
     }
 }
 
-/// Connect, one 64-byte request/response, close: µs each.
-fn setup_latency(from: &Host, to: SocketAddr, n: usize) -> Vec<f64> {
+/// Connect, one 64-byte request/response, close: µs each, until the
+/// response (what an application waits for) and until `connect()`
+/// returned (the client's kernel has the SYN-ACK; the ACK's two trips and
+/// the server's accept are still ahead).
+fn setup_times(from: &Host, to: SocketAddr, n: usize) -> (Vec<f64>, Vec<f64>) {
     lab::in_netns(&from.path(), move || {
-        let mut v = Vec::with_capacity(n);
+        let (mut v, mut c) = (Vec::with_capacity(n), Vec::with_capacity(n));
         let mut buf = [0u8; 64];
         for _ in 0..n {
             let t = Instant::now();
             let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap();
+            c.push(t.elapsed().as_nanos() as f64 / 1000.0);
             s.set_nodelay(true).unwrap();
             s.write_all(&64u64.to_be_bytes()).unwrap();
             s.read_exact(&mut buf).unwrap();
             v.push(t.elapsed().as_nanos() as f64 / 1000.0);
             abort(s);
         }
-        v
+        (v, c)
     })
+}
+
+fn setup_latency(from: &Host, to: SocketAddr, n: usize) -> Vec<f64> {
+    setup_times(from, to, n).0
 }
 
 /// A new UDP flow each time (fresh socket, so a fresh conntrack entry that
@@ -273,6 +281,7 @@ fn bulk(from: &Host, to: SocketAddr, bytes: u64) -> f64 {
 
 struct Figures {
     p50: f64,
+    connect_p50: f64,
     p99: f64,
     rate: f64,
     gbps: f64,
@@ -285,7 +294,7 @@ fn measure(a: &Host, b: &Host) -> Figures {
     // against the server with a thread per connection.
     let seq = SocketAddr::new(b.ip4, 81);
     setup_latency(a, seq, 50);
-    let mut lat = setup_latency(a, seq, 2000);
+    let (mut lat, mut connect) = setup_times(a, seq, 2000);
     let rate = conn_rate(a, to, 2, 3.0);
     // Best of three: a 2-core machine is noisy and the kernel carries the
     // flow in every mode, so the fastest run is the fairest comparison.
@@ -295,6 +304,7 @@ fn measure(a: &Host, b: &Host) -> Figures {
     let mut udp = udp_new_flow_latency(a, udp_to, 2000);
     Figures {
         p50: pct(&mut lat, 0.5),
+        connect_p50: pct(&mut connect, 0.5),
         p99: pct(&mut lat, 0.99),
         rate,
         gbps,
@@ -640,6 +650,14 @@ fn datapath() {
             100.0 * f.gbps / base.gbps
         );
     }
+    println!(
+        "connect() alone, p50 µs (returns on the SYN-ACK, four trips; the phases' setup waits for the response): baseline {:.1}; floor {:+.1}, PSK {:+.1}, PKI {:+.1}, PSK 1 node {:+.1}",
+        base.connect_p50,
+        with_floor.connect_p50 - base.connect_p50,
+        with_psk.connect_p50 - base.connect_p50,
+        with_pki.connect_p50 - base.connect_p50,
+        with_one.connect_p50 - base.connect_p50
+    );
     println!(
         "new UDP flow, datagram + echo, p50 µs (decided by the kernel's sets): baseline {:.1}, PSK {:.1} (+{:.1}), PKI {:.1} (+{:.1})",
         base.udp_p50,
