@@ -716,7 +716,8 @@ fn datapath() {
         );
     }
     let t = Instant::now();
-    let im = l.start("many", &cfg("node-m", &psk_keys, pus));
+    let many = cfg("node-m", &psk_keys, pus.clone());
+    let im = l.start("many", &many);
     let started = t.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let rss = rss_kib(l.runtimes[im].pid());
@@ -724,6 +725,30 @@ fn datapath() {
         "runtime serving 100 PUs: RSS {:.1} MiB (target <= 30), started in {:.1} s",
         rss as f64 / 1024.0,
         started.as_secs_f64()
+    );
+    // Reloads of that node (SIGHUP until the runtime's log line): the
+    // same config, one PU more, and back.
+    let ns = format!("{}-m100", l.id);
+    lab::sh(&["ip", "netns", "add", &ns]);
+    l.adopt(&ns);
+    let more = cfg(
+        "node-m",
+        &psk_keys,
+        pus + &format!("- {{name: m100, netns: {ns}, labels: {{app: m0}}}}\n"),
+    );
+    let mut times = Vec::new();
+    for c in [&many, &more, &many] {
+        let t = Instant::now();
+        let line = l.reconfigure(im, c);
+        assert!(line.contains(": reloaded "), "{line}");
+        times.push(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "reloading that node (SIGHUP to log line): unchanged {:.2} s, one PU added {:.2} s, removed {:.2} s; RSS after {:.1} MiB",
+        times[0],
+        times[1],
+        times[2],
+        rss_kib(l.runtimes[im].pid()) as f64 / 1024.0
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
