@@ -910,9 +910,10 @@ fn has_our_rules(h: &Host) -> bool {
 /// at once), a PU removed loses everything we put in its namespace, a PU
 /// relabelled is judged by its new labels on new connections, a PU
 /// renamed in the same namespace stays, and a removed PU's slot serves a
-/// PU added later. A reload that changes a
-/// restart-only setting, names a namespace that does not exist or is not
-/// valid YAML is refused and changes nothing.
+/// PU added later. A reload that changes a restart-only setting, names a
+/// namespace that does not exist, one that another runtime serves or one
+/// whose rules cannot all go in, or is not valid YAML, is refused and
+/// changes nothing.
 #[test]
 fn a_reload_adds_removes_and_relabels_pus() {
     if skip() {
@@ -1051,6 +1052,27 @@ fn a_reload_adds_removes_and_relabels_pus() {
         "{}",
         lab.stats(v)
     );
+    // A namespace whose ip6 filter table iptables-nft cannot use (a base
+    // chain of someone else's at another priority): the new PU's queues
+    // open and its IPv4 rules go in, its IPv6 rules fail, and all of it
+    // is undone.
+    let odd = lab.host("odd", "198.18.1.86", "fd00::1:86");
+    for cmd in [
+        "add table ip6 filter",
+        "add chain ip6 filter INPUT { type filter hook input priority 10; }",
+    ] {
+        sh(&["ip", "netns", "exec", &odd.ns, "nft", cmd]);
+    }
+    let pid = lab.runtimes[i].pid();
+    let fds = open_fds(pid);
+    let line = lab.reconfigure(i, &(good.clone() + &pu("odd", &odd, "api")));
+    assert!(
+        line.contains("reload refused") && line.contains("pu odd") && line.contains("ip6tables"),
+        "{line}"
+    );
+    assert!(!has_our_rules(&odd), "the IPv4 rules were undone");
+    assert_eq!(open_fds(pid), fds, "its queues were closed");
+    assert_eq!(lab.counter(i, "pus"), 3);
     let line = lab.reconfigure(i, "node: [unclosed\n");
     assert!(
         line.contains("reload refused") && line.contains("u.yaml"),
