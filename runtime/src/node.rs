@@ -285,52 +285,12 @@ impl Node {
                 if fixed.len() == 1 { "it" } else { "them" }
             ));
         }
-        let mut report = Reloaded::default();
-        let mut slots = self.slots.clone();
-        let mut removed = Vec::new();
-        // A PU is its namespace (that is where its rules and queues are):
-        // one that keeps its namespace keeps its slot, renamed or not.
-        for (i, slot) in self.slots.iter().enumerate() {
-            let Some(old) = slot else { continue };
-            match new.pus.iter().find(|p| p.netns_path() == old.netns_path()) {
-                Some(p) => {
-                    if p.name != old.name {
-                        report
-                            .changed
-                            .push(format!("{} (was {})", p.name, old.name));
-                    } else if p != old {
-                        report.changed.push(p.name.clone());
-                    }
-                    slots[i] = Some(p.clone());
-                }
-                None => {
-                    removed.push(i);
-                    slots[i] = None;
-                    report.removed.push(old.name.clone());
-                }
-            }
-        }
-        // New PUs take slots that were free before this reload (a slot
-        // freed now is still served until the swap).
-        let mut added = Vec::new();
-        let mut free = (0..self.slots.len()).filter(|&i| self.slots[i].is_none());
-        for p in &new.pus {
-            let kept = self
-                .slots
-                .iter()
-                .flatten()
-                .any(|o| o.netns_path() == p.netns_path());
-            if kept {
-                continue;
-            }
-            let i = free.next().unwrap_or_else(|| {
-                slots.push(None);
-                slots.len() - 1
-            });
-            slots[i] = Some(p.clone());
-            added.push(i);
-            report.added.push(p.name.clone());
-        }
+        let Diff {
+            slots,
+            added,
+            removed,
+            mut report,
+        } = diff(&self.slots, &new.pus);
         let e = self.enforcer.clone();
         let rs = load_ruleset(&new)?;
         warn_fail_open_plugins(&rs);
@@ -414,6 +374,71 @@ impl Node {
     }
 }
 
+/// How a new configuration's PUs map onto the running slots.
+#[derive(Debug, PartialEq)]
+struct Diff {
+    slots: Vec<Option<PuConfig>>,
+    /// Slots of PUs in a namespace not served yet.
+    added: Vec<usize>,
+    /// Slots of PUs whose namespace is not listed any more.
+    removed: Vec<usize>,
+    report: Reloaded,
+}
+
+/// A PU is its namespace (that is where its rules and queues are): one
+/// that keeps its namespace keeps its slot, renamed or not. New PUs take
+/// slots that were free before this reload (a slot freed by it is still
+/// served until the swap), then new slots at the end.
+fn diff(current: &[Option<PuConfig>], new: &[PuConfig]) -> Diff {
+    let mut report = Reloaded::default();
+    let mut slots = current.to_vec();
+    let mut removed = Vec::new();
+    for (i, slot) in current.iter().enumerate() {
+        let Some(old) = slot else { continue };
+        match new.iter().find(|p| p.netns_path() == old.netns_path()) {
+            Some(p) => {
+                if p.name != old.name {
+                    report
+                        .changed
+                        .push(format!("{} (was {})", p.name, old.name));
+                } else if p != old {
+                    report.changed.push(p.name.clone());
+                }
+                slots[i] = Some(p.clone());
+            }
+            None => {
+                removed.push(i);
+                slots[i] = None;
+                report.removed.push(old.name.clone());
+            }
+        }
+    }
+    let mut added = Vec::new();
+    let mut free = (0..current.len()).filter(|&i| current[i].is_none());
+    for p in new {
+        let kept = current
+            .iter()
+            .flatten()
+            .any(|o| o.netns_path() == p.netns_path());
+        if kept {
+            continue;
+        }
+        let i = free.next().unwrap_or_else(|| {
+            slots.push(None);
+            slots.len() - 1
+        });
+        slots[i] = Some(p.clone());
+        added.push(i);
+        report.added.push(p.name.clone());
+    }
+    Diff {
+        slots,
+        added,
+        removed,
+        report,
+    }
+}
+
 /// Program every PU's UDP/SCTP table from `l` (each PU's table is
 /// updated in one transaction, and only if it changed since `applied`;
 /// an error names the PUs that kept their previous table).
@@ -460,5 +485,61 @@ fn datagram_tables(
         Ok(())
     } else {
         Err(errs.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pu(name: &str, netns: &str, role: &str) -> PuConfig {
+        let yaml = format!("{{name: {name}, netns: {netns}, labels: {{role: {role}}}}}");
+        serde_saphyr::from_str(&yaml).unwrap()
+    }
+
+    fn names(slots: &[Option<PuConfig>]) -> Vec<Option<&str>> {
+        slots
+            .iter()
+            .map(|s| s.as_ref().map(|p| p.name.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn an_unchanged_config_changes_nothing() {
+        let cur = vec![Some(pu("a", "na", "x")), None, Some(pu("c", "nc", "y"))];
+        let d = diff(&cur, &[pu("c", "nc", "y"), pu("a", "na", "x")]);
+        assert_eq!(d.slots, cur, "order in the file does not matter");
+        assert!(d.added.is_empty() && d.removed.is_empty());
+        assert_eq!(d.report, Reloaded::default());
+    }
+
+    #[test]
+    fn a_pu_is_its_namespace() {
+        let cur = vec![Some(pu("a", "na", "x")), Some(pu("b", "nb", "x"))];
+        // a renamed and relabelled in place; b moved to another namespace.
+        let d = diff(&cur, &[pu("a2", "na", "z"), pu("b", "nb2", "x")]);
+        assert_eq!(names(&d.slots), [Some("a2"), None, Some("b")]);
+        assert_eq!((d.added, d.removed), (vec![2], vec![1]));
+        assert_eq!(d.report.changed, ["a2 (was a)"]);
+        assert_eq!(
+            (d.report.added, d.report.removed),
+            (vec!["b".into()], vec!["b".into()])
+        );
+        let d = diff(&cur, &[pu("a", "na", "z"), pu("b", "nb", "x")]);
+        assert_eq!(d.report.changed, ["a"], "labels changed");
+    }
+
+    /// A hole left by an earlier reload is filled; one left by this reload
+    /// is not (its queues are open until the swap).
+    #[test]
+    fn new_pus_fill_earlier_holes_only() {
+        let cur = vec![Some(pu("a", "na", "x")), None, Some(pu("c", "nc", "x"))];
+        let d = diff(&cur, &[pu("d", "nd", "x"), pu("e", "ne", "x")]);
+        assert_eq!(
+            names(&d.slots),
+            [None, Some("d"), None, Some("e")],
+            "d takes the old hole; a's and c's slots stay empty"
+        );
+        assert_eq!((d.added, d.removed), (vec![1, 3], vec![0, 2]));
     }
 }
