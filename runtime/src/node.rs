@@ -263,11 +263,6 @@ impl Node {
         self.slots.iter().flatten().count()
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     /// SIGHUP: put `new` in force. A PU is known by its namespace: one
     /// in a namespace not served yet is added (its queues open before its
     /// rules go in); one whose namespace is not listed any more is
