@@ -137,9 +137,13 @@ fn run(config: PathBuf) -> Result<(), String> {
                             log(format!("ERROR: {err}"));
                         }
                     }
-                    Err(err) => log(format!(
-                        "reload refused, nothing changed (config, ruleset and PUs as before): {err}"
-                    )),
+                    Err(err) => {
+                        // For monitoring: a config that never takes effect.
+                        e.counters.inc("reloads_refused");
+                        log(format!(
+                            "reload refused, nothing changed (config, ruleset and PUs as before): {err}"
+                        ))
+                    }
                 }
             }
             s => {

@@ -1086,6 +1086,7 @@ fn a_reload_adds_removes_and_relabels_pus() {
         line.contains("added: none; removed: none; changed: none"),
         "{line}"
     );
+    assert_eq!(lab.counter(i, "reloads_refused"), 5, "{}", lab.stats(i));
 }
 
 /// Descriptors open in process `pid`.
