@@ -313,11 +313,14 @@ impl Node {
         for &i in &added {
             let p = slots[i].as_ref().expect("an added slot holds its PU");
             for (w, worker) in self.workers.iter().enumerate() {
+                // Recorded before the answer: a worker that answers late
+                // (after the 10 s timeout) still opens the queue, and the
+                // removal queued behind the add closes it again.
+                listening.push((w, i));
                 if let Err(err) = worker.control.add(i, &p.netns_path()) {
                     self.close(&listening);
                     return Err(format!("pu {}: {err}", p.name));
                 }
-                listening.push((w, i));
             }
         }
         if !added.is_empty() {
