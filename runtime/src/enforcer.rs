@@ -200,7 +200,8 @@ impl Loaded {
             Some(Arc::new(Plugins::load(&rs, &host()?)?))
         };
         let subjects = Arc::new(SubjectIndex::new(&rs.policies));
-        Ok(Loaded::resolve(Arc::new(rs), subjects, plugins, inv))
+        let hash = rs.content_hash();
+        Ok(Loaded::resolve(Arc::new(rs), hash, subjects, plugins, inv))
     }
 
     /// The same ruleset (its plugins as loaded) for another inventory:
@@ -208,6 +209,7 @@ impl Loaded {
     pub fn with_inventory(&self, inv: Inventory) -> Loaded {
         Loaded::resolve(
             self.rs.clone(),
+            self.hash.clone(),
             self.subjects.clone(),
             self.plugins.clone(),
             inv,
@@ -216,11 +218,11 @@ impl Loaded {
 
     fn resolve(
         rs: Arc<Ruleset>,
+        hash: String,
         subjects: Arc<SubjectIndex>,
         plugins: Option<Arc<Plugins>>,
         inv: Inventory,
     ) -> Loaded {
-        let hash = rs.content_hash();
         let mut unresolved = Vec::new();
         let ev = Evaluator::with_index(&rs, &subjects);
         let resolved: Vec<Option<Resolved>> = inv
