@@ -1258,3 +1258,39 @@ fn a_packet_flushed_from_a_queue_costs_one_retransmission() {
     assert_eq!(lab.counter(i, "queue_recv_errors"), 0);
     assert!(!lab.log(i).contains("of pu slot"), "{}", lab.log(i));
 }
+
+/// A node may start with no PU at all and get its PUs by reloads, as a
+/// workload source would drive it: the first PU added is enforced.
+#[test]
+fn a_node_started_empty_gets_its_pus_by_reload() {
+    if skip() {
+        return;
+    }
+    let mut lab = lab("e");
+    let cli = lab.host("cli", "198.18.1.97", "fd00::1:97");
+    let api = lab.host("api", "198.18.1.98", "fd00::1:98");
+    serve(&api, api.ip4, 80);
+    let rs = lab.compile("rs.bin", SHOP);
+    let k = psk(&lab.dir, "psk.key", 6);
+    let head = format!("node: node-e\nruleset: {}\nkeys: {k}\n", rs.display());
+    let i = lab.start("e", &head);
+    assert_eq!(lab.counter(i, "pus"), 0);
+    assert!(probe(&cli, at(&api, 80)), "nothing enforced yet");
+    let line = lab.reconfigure(
+        i,
+        &format!(
+            "{head}pus:\n- {{name: api, netns: {}, namespace: shop, labels: {{role: api}}}}\n",
+            api.ns
+        ),
+    );
+    assert!(line.contains("added: api;"), "{line}");
+    assert!(
+        !probe(&cli, at(&api, 80)),
+        "api admits clients only, by label"
+    );
+    assert_eq!(lab.counter(i, "pus"), 1);
+    let line = lab.reconfigure(i, &head);
+    assert!(line.contains("removed: api;"), "{line}");
+    assert!(probe(&cli, at(&api, 80)), "not enforced any more");
+    assert!(!has_our_rules(&api));
+}
