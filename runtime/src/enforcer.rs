@@ -537,8 +537,7 @@ impl Enforcer {
         (t.len(), t.evicted, t.expired)
     }
 
-    fn local_token(&self, pu: usize, now_s: u64) -> Result<LocalToken, &'static str> {
-        let l = self.policy();
+    fn local_token(&self, l: &Loaded, pu: usize, now_s: u64) -> Result<LocalToken, &'static str> {
         let p = l.slot(pu).ok_or("unknown_pu")?;
         let mut slot = lock(&p.token);
         if let Some(t) = slot.as_ref().filter(|t| !t.needs_refresh(now_s)) {
@@ -551,11 +550,6 @@ impl Enforcer {
             }
             Err(e) => Err(e.counter()),
         }
-    }
-
-    /// One direction of the policy for a local PU against a peer.
-    fn allowed(&self, pu: usize, hook: Hook, q: Query, peer: Option<&Identity>) -> bool {
-        self.allowed_under(&self.policy(), pu, hook, q, peer)
     }
 
     fn allowed_under(
@@ -763,12 +757,16 @@ impl Enforcer {
     }
 
     fn decide(&self, pu: usize, hook: Hook, pkt: &[u8], now_ms: u64) -> Verdict {
-        if self.policy().slot(pu).is_none() {
+        // Read once per packet: the whole decision sees one ruleset and
+        // one inventory, even if a reload swaps them meanwhile.
+        let l = self.policy();
+        let l = &*l;
+        if l.slot(pu).is_none() {
             return Verdict::Drop("unknown_pu");
         }
         let m = match packet::tcp_meta(pkt) {
             Ok(m) => m,
-            Err(packet::PacketError::NotTcp) => return self.other(pu, hook, pkt),
+            Err(packet::PacketError::NotTcp) => return self.other(l, pu, hook, pkt),
             Err(e) => return Verdict::Drop(e.counter()),
         };
         let key = key_of(pu, hook, &m);
@@ -785,19 +783,19 @@ impl Enforcer {
         let t0 = std::time::Instant::now();
         let (v, [count, ns]) = match (hook, syn, ack) {
             (Hook::Out, true, false) => (
-                self.out_syn(pu, key, pkt, now_ms, now_s),
+                self.out_syn(l, pu, key, pkt, now_ms, now_s),
                 ["handled_syn_out", "handled_syn_out_ns"],
             ),
             (Hook::In, true, false) => (
-                self.in_syn(pu, key, pkt, now_ms, now_s),
+                self.in_syn(l, pu, key, pkt, now_ms, now_s),
                 ["handled_syn_in", "handled_syn_in_ns"],
             ),
             (Hook::Out, true, true) => (
-                self.out_synack(pu, key, pkt, now_ms, now_s),
+                self.out_synack(l, pu, key, pkt, now_ms, now_s),
                 ["handled_synack_out", "handled_synack_out_ns"],
             ),
             (Hook::In, true, true) => (
-                self.in_synack(pu, key, pkt, now_ms, now_s),
+                self.in_synack(l, pu, key, pkt, now_ms, now_s),
                 ["handled_synack_in", "handled_synack_in_ns"],
             ),
             (Hook::Out, false, _) => (
@@ -814,7 +812,15 @@ impl Enforcer {
         v
     }
 
-    fn out_syn(&self, pu: usize, key: FlowKey, pkt: &[u8], now_ms: u64, now_s: u64) -> Verdict {
+    fn out_syn(
+        &self,
+        l: &Loaded,
+        pu: usize,
+        key: FlowKey,
+        pkt: &[u8],
+        now_ms: u64,
+        now_s: u64,
+    ) -> Verdict {
         let mut t = lock(&self.flows);
         let payload = match t.get_mut(&key, now_ms) {
             Some(State::SynSent { payload, .. }) => {
@@ -823,7 +829,7 @@ impl Enforcer {
             }
             _ => {
                 drop(t);
-                let tok = match self.local_token(pu, now_s) {
+                let tok = match self.local_token(l, pu, now_s) {
                     Ok(tok) => tok,
                     Err(c) => return Verdict::Drop(c),
                 };
@@ -855,13 +861,22 @@ impl Enforcer {
         }
     }
 
-    fn in_syn(&self, pu: usize, key: FlowKey, pkt: &[u8], now_ms: u64, now_s: u64) -> Verdict {
+    fn in_syn(
+        &self,
+        l: &Loaded,
+        pu: usize,
+        key: FlowKey,
+        pkt: &[u8],
+        now_ms: u64,
+        now_s: u64,
+    ) -> Verdict {
         let stripped = match packet::strip(pkt) {
             Ok(Some(s)) => s,
             Ok(None) => {
                 // No marker: a peer that does not enforce, judged by IP.
                 lock(&self.flows).remove(&key);
-                let ok = self.allowed(
+                let ok = self.allowed_under(
+                    l,
                     pu,
                     Hook::In,
                     Query {
@@ -904,7 +919,8 @@ impl Enforcer {
             Err(e) => return Verdict::Drop(e.counter()),
         };
         let peer = identity_of(&st.peer);
-        if !self.allowed(
+        if !self.allowed_under(
+            l,
             pu,
             Hook::In,
             Query {
@@ -940,7 +956,15 @@ impl Enforcer {
         Verdict::Rewrite(stripped.packet)
     }
 
-    fn out_synack(&self, pu: usize, key: FlowKey, pkt: &[u8], now_ms: u64, now_s: u64) -> Verdict {
+    fn out_synack(
+        &self,
+        l: &Loaded,
+        pu: usize,
+        key: FlowKey,
+        pkt: &[u8],
+        now_ms: u64,
+        now_s: u64,
+    ) -> Verdict {
         let mut t = lock(&self.flows);
         let payload: Arc<[u8]> = match t.get_mut(&key, now_ms) {
             Some(State::AwaitAck { synack, .. }) => {
@@ -952,7 +976,7 @@ impl Enforcer {
                     return Verdict::Drop("flow_state_lost");
                 };
                 drop(t);
-                let tok = match self.local_token(pu, now_s) {
+                let tok = match self.local_token(l, pu, now_s) {
                     Ok(tok) => tok,
                     Err(c) => return Verdict::Drop(c),
                 };
@@ -985,7 +1009,15 @@ impl Enforcer {
         }
     }
 
-    fn in_synack(&self, pu: usize, key: FlowKey, pkt: &[u8], now_ms: u64, now_s: u64) -> Verdict {
+    fn in_synack(
+        &self,
+        l: &Loaded,
+        pu: usize,
+        key: FlowKey,
+        pkt: &[u8],
+        now_ms: u64,
+        now_s: u64,
+    ) -> Verdict {
         let stripped = match packet::strip(pkt) {
             Ok(s) => s,
             Err(e) => return Verdict::Drop(e.counter()),
@@ -1001,7 +1033,8 @@ impl Enforcer {
             }
             t.remove(&key);
             drop(t);
-            let ok = self.allowed(
+            let ok = self.allowed_under(
+                l,
                 pu,
                 Hook::Out,
                 Query {
@@ -1039,7 +1072,8 @@ impl Enforcer {
                     Err(e) => return Verdict::Drop(e.counter()),
                 };
                 let peer = identity_of(&peer);
-                if !self.allowed(
+                if !self.allowed_under(
+                    l,
                     pu,
                     Hook::Out,
                     Query {
@@ -1161,7 +1195,7 @@ impl Enforcer {
 
     /// UDP, SCTP and anything else: the first packet of a flow, judged by
     /// IP on the same evaluator; the kernel carries the rest.
-    fn other(&self, pu: usize, hook: Hook, pkt: &[u8]) -> Verdict {
+    fn other(&self, l: &Loaded, pu: usize, hook: Hook, pkt: &[u8]) -> Verdict {
         let m = match packet::ip_meta(pkt) {
             Ok(m) => m,
             Err(e) => return Verdict::Drop(e.counter()),
@@ -1175,7 +1209,8 @@ impl Enforcer {
             Hook::In => (m.dst, m.src),
             Hook::Out => (m.src, m.dst),
         };
-        if self.allowed(
+        if self.allowed_under(
+            l,
             pu,
             hook,
             Query {
