@@ -508,6 +508,14 @@ fn thread_cpus(pid: u32) -> Vec<(String, String)> {
 }
 
 /// A node running one PU (`web`) at `ip4`, with `extra` config lines.
+/// The queue worker threads of process `pid`.
+fn nfq_threads(pid: u32) -> usize {
+    thread_cpus(pid)
+        .into_iter()
+        .filter(|(comm, _)| comm.starts_with("nfq-"))
+        .count()
+}
+
 fn one_pu_node(tag: &str, ip4: &str, extra: &str) -> (Lab, Host, usize) {
     let mut lab = lab(tag);
     let ip6 = format!("fd00::1:{}", ip4.rsplit('.').next().unwrap());
@@ -600,12 +608,7 @@ fn queue_threads_are_shared_by_the_pus_of_a_node() {
     let k = psk(&dir, "psk.key", 9);
     let t = beer("s", &k, &k);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let nfq = |i: usize| {
-        thread_cpus(t.lab.runtimes[i].pid())
-            .into_iter()
-            .filter(|(comm, _)| comm.starts_with("nfq-"))
-            .count()
-    };
+    let nfq = |i: usize| nfq_threads(t.lab.runtimes[i].pid());
     assert_eq!(nfq(1), cpus, "node B serves three PUs");
     assert_eq!(nfq(0), cpus, "node A serves one PU");
     serve(&t.db, t.db.ip4, 5432);
@@ -874,6 +877,14 @@ fn an_outgoing_syn_never_inherits_the_mark_of_an_older_connection() {
     );
 }
 
+/// A PU of the `shop` namespace, for the SHOP policies.
+fn shop_pu(name: &str, h: &Host, role: &str) -> String {
+    format!(
+        "- {{name: {name}, netns: {}, namespace: shop, labels: {{role: {role}}}}}\n",
+        h.ns
+    )
+}
+
 const SHOP: &str = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -929,12 +940,6 @@ fn a_reload_adds_removes_and_relabels_pus() {
     }
     let rs = lab.compile("rs.bin", SHOP);
     let k = psk(&lab.dir, "psk.key", 3);
-    let pu = |name: &str, h: &Host, role: &str| {
-        format!(
-            "- {{name: {name}, netns: {}, namespace: shop, labels: {{role: {role}}}}}\n",
-            h.ns
-        )
-    };
     let config = |extra: &str, pus: &[String]| {
         format!(
             "node: node-u\nruleset: {}\nkeys: {k}\n{extra}pus:\n{}",
@@ -944,15 +949,16 @@ fn a_reload_adds_removes_and_relabels_pus() {
     };
     let i = lab.start(
         "u",
-        &config("", &[pu("cli", &cli, "client"), pu("api1", &api1, "api")]),
+        &config(
+            "",
+            &[
+                shop_pu("cli", &cli, "client"),
+                shop_pu("api1", &api1, "api"),
+            ],
+        ),
     );
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let nfq = |lab: &Lab| {
-        thread_cpus(lab.runtimes[i].pid())
-            .into_iter()
-            .filter(|(comm, _)| comm.starts_with("nfq-"))
-            .count()
-    };
+    let nfq = |lab: &Lab| nfq_threads(lab.runtimes[i].pid());
     assert!(probe(&cli, at(&api1, 80)), "client -> api1");
     assert!(!probe(&other, at(&api1, 80)), "api1 admits clients only");
     assert!(has_our_rules(&api1) && !has_our_rules(&api2));
@@ -960,7 +966,13 @@ fn a_reload_adds_removes_and_relabels_pus() {
     // api1 goes, api2 comes, cli is relabelled.
     let line = lab.reconfigure(
         i,
-        &config("", &[pu("cli", &cli, "stranger"), pu("api2", &api2, "api")]),
+        &config(
+            "",
+            &[
+                shop_pu("cli", &cli, "stranger"),
+                shop_pu("api2", &api2, "api"),
+            ],
+        ),
     );
     assert!(
         line.contains("added: api2; removed: api1; changed: cli; 2 PUs"),
@@ -990,9 +1002,9 @@ fn a_reload_adds_removes_and_relabels_pus() {
         &config(
             "",
             &[
-                pu("cli", &cli, "client"),
-                pu("api-two", &api2, "api"),
-                pu("api1", &api1, "api"),
+                shop_pu("cli", &cli, "client"),
+                shop_pu("api-two", &api2, "api"),
+                shop_pu("api1", &api1, "api"),
             ],
         ),
     );
@@ -1011,12 +1023,15 @@ fn a_reload_adds_removes_and_relabels_pus() {
     let good = config(
         "",
         &[
-            pu("cli", &cli, "client"),
-            pu("api-two", &api2, "api"),
-            pu("api1", &api1, "api"),
+            shop_pu("cli", &cli, "client"),
+            shop_pu("api-two", &api2, "api"),
+            shop_pu("api1", &api1, "api"),
         ],
     );
-    let line = lab.reconfigure(i, &config("maxFlows: 999\n", &[pu("cli", &cli, "client")]));
+    let line = lab.reconfigure(
+        i,
+        &config("maxFlows: 999\n", &[shop_pu("cli", &cli, "client")]),
+    );
     assert!(
         line.contains("reload refused") && line.contains("maxFlows changed"),
         "{line}"
@@ -1035,10 +1050,10 @@ fn a_reload_adds_removes_and_relabels_pus() {
     let other_node = format!(
         "node: node-v\nruleset: {}\nkeys: {k}\npus:\n{}",
         rs.display(),
-        pu("taken", &taken, "api")
+        shop_pu("taken", &taken, "api")
     );
     let v = lab.start("v", &other_node);
-    let line = lab.reconfigure(i, &(good.clone() + &pu("taken", &taken, "api")));
+    let line = lab.reconfigure(i, &(good.clone() + &shop_pu("taken", &taken, "api")));
     assert!(
         line.contains("reload refused")
             && line.contains("pu taken")
@@ -1065,7 +1080,7 @@ fn a_reload_adds_removes_and_relabels_pus() {
     }
     let pid = lab.runtimes[i].pid();
     let fds = open_fds(pid);
-    let line = lab.reconfigure(i, &(good.clone() + &pu("odd", &odd, "api")));
+    let line = lab.reconfigure(i, &(good.clone() + &shop_pu("odd", &odd, "api")));
     assert!(
         line.contains("reload refused") && line.contains("pu odd") && line.contains("ip6tables"),
         "{line}"
@@ -1122,20 +1137,14 @@ fn reloads_do_not_disturb_the_other_pus() {
         + "  - from: [{ipBlock: {cidr: 198.18.7.0/24}}]\n    ports: [{port: 53, protocol: UDP}]\n";
     let rs_udp = lab.compile("rs-udp.bin", &udp);
     let k = psk(&lab.dir, "psk.key", 4);
-    let pu = |name: &str, h: &Host, role: &str| {
-        format!(
-            "- {{name: {name}, netns: {}, namespace: shop, labels: {{role: {role}}}}}\n",
-            h.ns
-        )
-    };
     let config = |rs: &std::path::Path, with_extra: bool| {
         format!(
             "node: node-w\nruleset: {}\nkeys: {k}\npus:\n{}{}{}",
             rs.display(),
-            pu("cli", &cli, "client"),
-            pu("api", &api, "api"),
+            shop_pu("cli", &cli, "client"),
+            shop_pu("api", &api, "api"),
             if with_extra {
-                pu("extra", &extra, "api")
+                shop_pu("extra", &extra, "api")
             } else {
                 String::new()
             }
@@ -1276,13 +1285,7 @@ fn a_node_started_empty_gets_its_pus_by_reload() {
     let i = lab.start("e", &head);
     assert_eq!(lab.counter(i, "pus"), 0);
     assert!(probe(&cli, at(&api, 80)), "nothing enforced yet");
-    let line = lab.reconfigure(
-        i,
-        &format!(
-            "{head}pus:\n- {{name: api, netns: {}, namespace: shop, labels: {{role: api}}}}\n",
-            api.ns
-        ),
-    );
+    let line = lab.reconfigure(i, &format!("{head}pus:\n{}", shop_pu("api", &api, "api")));
     assert!(line.contains("added: api;"), "{line}");
     assert!(
         !probe(&cli, at(&api, 80)),
