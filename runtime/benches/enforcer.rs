@@ -502,6 +502,12 @@ fn datapath() {
             d = ca.display()
         )
     };
+    let psk_keys = format!("{{psk: {}}}", psk.display());
+    if std::env::var("TRIREME_BENCH_ONLY").as_deref() == Ok("pus") {
+        many_pus(&mut l, &cfg, &psk_keys);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let base = measure(&a, &b);
     let floor_of = |h: &Host| {
         std::process::Command::new(std::env::current_exe().unwrap())
@@ -516,7 +522,6 @@ fn datapath() {
         let _ = f.kill();
         let _ = f.wait();
     }
-    let psk_keys = format!("{{psk: {}}}", psk.display());
     let ia = l.start("psk-a", &cfg("node-a", &psk_keys, pu("a", &a)));
     let ib = l.start("psk-b", &cfg("node-b", &psk_keys, pu("b", &b)));
     let with_psk = measure(&a, &b);
@@ -703,8 +708,14 @@ fn datapath() {
     println!("PKI counters: {pki_counters}");
     println!("PSK, flow counters: {flow_counters}");
 
-    // Memory serving 100 PUs (namespaces without links: the rules, queues
-    // and worker threads are what costs).
+    many_pus(&mut l, &cfg, &psk_keys);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Memory, start and reload times of a node serving 100 PUs (namespaces
+/// without links: the rules, queues and worker threads are what costs).
+/// `TRIREME_BENCH_ONLY=pus` runs this part alone.
+fn many_pus(l: &mut Lab, cfg: &dyn Fn(&str, &str, String) -> String, psk_keys: &str) {
     let mut pus = String::new();
     for i in 0..100 {
         let ns = format!("{}-m{i}", l.id);
@@ -716,7 +727,7 @@ fn datapath() {
         );
     }
     let t = Instant::now();
-    let many = cfg("node-m", &psk_keys, pus.clone());
+    let many = cfg("node-m", psk_keys, pus.clone());
     let im = l.start("many", &many);
     let started = t.elapsed();
     std::thread::sleep(Duration::from_millis(500));
@@ -733,7 +744,7 @@ fn datapath() {
     l.adopt(&ns);
     let more = cfg(
         "node-m",
-        &psk_keys,
+        psk_keys,
         pus + &format!("- {{name: m100, netns: {ns}, labels: {{app: m0}}}}\n"),
     );
     let mut times = Vec::new();
@@ -750,7 +761,6 @@ fn datapath() {
         times[2],
         rss_kib(l.runtimes[im].pid()) as f64 / 1024.0
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn main() {
@@ -760,6 +770,8 @@ fn main() {
     if let Ok(netns) = std::env::var("TRIREME_BENCH_FLOOR") {
         floor(&netns);
     }
-    per_packet();
+    if std::env::var_os("TRIREME_BENCH_ONLY").is_none() {
+        per_packet();
+    }
     datapath();
 }

@@ -29,6 +29,7 @@
 //!
 //! Rules 2 and 3 come before 4 because NF_REPEAT runs the chain again.
 
+use crate::netns;
 use crate::packet::OPTION_KIND;
 use std::io::Write;
 use std::path::Path;
@@ -173,21 +174,19 @@ pub fn render(v6: bool, o: &Options) -> String {
     s
 }
 
-fn nsenter(netns: &Path) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net={}", netns.display()));
-    c
-}
-
-fn run(mut c: Command, stdin: Option<&str>) -> Result<String, String> {
-    let desc = format!("{c:?}");
-    c.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+/// Run `program` (in the calling thread's namespace: the fork inherits
+/// it), feeding it `stdin`; its stdout, or its stderr as the error.
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    let desc = format!("{program} {}", args.join(" "));
+    let mut c = Command::new(program);
+    c.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().map_err(|e| format!("{desc}: {e}"))?;
     if let Some(input) = stdin {
         let mut w = child.stdin.take().ok_or("no stdin")?;
@@ -207,88 +206,121 @@ fn run(mut c: Command, stdin: Option<&str>) -> Result<String, String> {
     }
 }
 
-/// Install (or atomically replace) our chains in the namespace at `netns`.
-pub fn apply(netns: &Path, o: &Options) -> Result<(), String> {
-    // Conntrack in the PU namespace sees the token bytes as sequence space
-    // on SYN and SYN-ACK before we strip them; liberal window tracking keeps
-    // it from marking the next segments invalid (as Trireme did).
-    let mut c = nsenter(netns);
-    c.args([
-        "sh",
-        "-c",
-        "echo 1 > /proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal",
-    ]);
-    run(c, None)?;
-    for (v6, tool) in [(false, "iptables"), (true, "ip6tables")] {
-        let mut c = nsenter(netns);
-        c.args([&format!("{tool}-restore"), "--noflush", "--wait"]);
-        run(c, Some(&render(v6, o)))?;
-        for (hook, chain) in [("INPUT", CHAIN_IN), ("OUTPUT", CHAIN_OUT)] {
-            let mut check = nsenter(netns);
-            check.args([tool, "-w", "-C", hook, "-j", chain]);
-            if run(check, None).is_err() {
-                let mut ins = nsenter(netns);
-                ins.args([tool, "-w", "-I", hook, "1", "-j", chain]);
-                run(ins, None)?;
+/// What of ours a family's filter table holds, from `iptables-save`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Ours {
+    /// Our chains that exist.
+    chains: Vec<&'static str>,
+    /// The jumps to them from INPUT and OUTPUT, one entry per rule.
+    jumps: Vec<(&'static str, &'static str)>,
+}
+
+const HOOKS: [(&str, &str); 2] = [("INPUT", CHAIN_IN), ("OUTPUT", CHAIN_OUT)];
+
+impl Ours {
+    fn parse(save: &str) -> Ours {
+        let mut o = Ours::default();
+        for line in save.lines().map(str::trim_end) {
+            for (hook, chain) in HOOKS {
+                if line.strip_prefix(':').and_then(|l| l.split(' ').next()) == Some(chain) {
+                    o.chains.push(chain);
+                }
+                if line == format!("-A {hook} -j {chain}") {
+                    o.jumps.push((hook, chain));
+                }
             }
         }
+        o
     }
-    Ok(())
+
+    fn read(tool: &str) -> Result<Ours, String> {
+        Ok(Ours::parse(&run(
+            &format!("{tool}-save"),
+            &["-t", "filter"],
+            None,
+        )?))
+    }
+}
+
+/// The `iptables-restore --noflush` input that installs or replaces our
+/// chains and adds the jumps to them that `ours` lacks: chains and jumps
+/// in one transaction.
+fn apply_text(v6: bool, o: &Options, ours: &Ours) -> String {
+    let mut s = render(v6, o);
+    s.truncate(s.len() - "COMMIT\n".len());
+    for (hook, chain) in HOOKS {
+        if !ours.jumps.contains(&(hook, chain)) {
+            s += &format!("-I {hook} 1 -j {chain}\n");
+        }
+    }
+    s + "COMMIT\n"
+}
+
+/// The input that removes every jump to our chains, then the chains;
+/// `None` when there is nothing of ours.
+fn remove_text(ours: &Ours) -> Option<String> {
+    if ours.chains.is_empty() && ours.jumps.is_empty() {
+        return None;
+    }
+    let mut s = String::from("*filter\n");
+    for (hook, chain) in &ours.jumps {
+        s += &format!("-D {hook} -j {chain}\n");
+    }
+    for chain in &ours.chains {
+        s += &format!("-F {chain}\n-X {chain}\n");
+    }
+    Some(s + "COMMIT\n")
+}
+
+const BE_LIBERAL: &str = "net/netfilter/nf_conntrack_tcp_be_liberal";
+
+/// Install (or atomically replace) our chains in the namespace at `netns`:
+/// per family, one `iptables-save` to see what is there and one
+/// `iptables-restore` transaction, run from a thread inside the namespace.
+pub fn apply(netns: &Path, o: &Options) -> Result<(), String> {
+    let o = *o;
+    netns::run_in(netns, move || {
+        // Conntrack in the PU namespace sees the token bytes as sequence
+        // space on SYN and SYN-ACK before we strip them; liberal window
+        // tracking keeps it from marking the next segments invalid (as
+        // Trireme did). Set before the rules where conntrack is loaded
+        // already; else the rules load it, and it is set right after.
+        let early = netns::write_sysctl(BE_LIBERAL, "1").is_ok();
+        for (v6, tool) in [(false, "iptables"), (true, "ip6tables")] {
+            let text = apply_text(v6, &o, &Ours::read(tool)?);
+            run(
+                &format!("{tool}-restore"),
+                &["--noflush", "--wait"],
+                Some(&text),
+            )?;
+        }
+        if !early {
+            netns::write_sysctl(BE_LIBERAL, "1")?;
+        }
+        Ok(())
+    })
 }
 
 /// The PU's global addresses (what its peers see as its source).
 pub fn addresses(netns: &Path) -> Result<Vec<std::net::IpAddr>, String> {
-    let mut c = nsenter(netns);
-    c.args(["ip", "-j", "address", "show"]);
-    let out = run(c, None)?;
-    parse_addresses(&out)
+    netns::run_in(netns, netns::global_addresses)
 }
 
-fn parse_addresses(json: &str) -> Result<Vec<std::net::IpAddr>, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("`ip -j address`: {e}"))?;
-    let mut ips = Vec::new();
-    for link in v.as_array().into_iter().flatten() {
-        for a in link["addr_info"].as_array().into_iter().flatten() {
-            if a["scope"] == "global"
-                && let Some(ip) = a["local"].as_str().and_then(|s| s.parse().ok())
-            {
-                ips.push(ip);
-            }
-        }
-    }
-    Ok(ips)
-}
-
-/// Remove everything `apply` added (the PU is gone or no longer ours).
+/// Remove everything `apply` added (the PU is gone or no longer ours):
+/// per family, one transaction, and none where nothing of ours is left.
 pub fn remove(netns: &Path) -> Result<(), String> {
-    let mut errors = Vec::new();
-    for tool in ["iptables", "ip6tables"] {
-        for (hook, chain) in [("INPUT", CHAIN_IN), ("OUTPUT", CHAIN_OUT)] {
-            loop {
-                let mut c = nsenter(netns);
-                c.args([tool, "-w", "-D", hook, "-j", chain]);
-                if run(c, None).is_err() {
-                    break;
-                }
-            }
-            for op in ["-F", "-X"] {
-                let mut c = nsenter(netns);
-                c.args([tool, "-w", op, chain]);
-                if let Err(e) = run(c, None)
-                    && !e.contains("No chain")
-                    && !e.contains("does not exist")
-                {
-                    errors.push(e);
-                }
+    netns::run_in(netns, || {
+        for tool in ["iptables", "ip6tables"] {
+            if let Some(text) = remove_text(&Ours::read(tool)?) {
+                run(
+                    &format!("{tool}-restore"),
+                    &["--noflush", "--wait"],
+                    Some(&text),
+                )?;
             }
         }
-    }
-    if errors.is_empty() {
         Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
+    })
 }
 
 #[cfg(test)]
@@ -296,20 +328,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn global_addresses_only() {
-        let json = r#"[{"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","scope":"host"}]},
-            {"ifname":"eth0","addr_info":[{"family":"inet","local":"198.18.1.10","scope":"global"},
-            {"family":"inet6","local":"fd00::1:10","scope":"global"},
-            {"family":"inet6","local":"fe80::1","scope":"link"}]}]"#;
-        let ips = parse_addresses(json).unwrap();
+    fn only_the_missing_jumps_are_added_and_every_jump_is_removed() {
+        let save = "# Generated by iptables-save\n*filter\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+            :TRIREME-IN - [0:0]\n:TRIREME-OUT - [0:0]\n:TRIREME-INX - [0:0]\n\
+            -A INPUT -j TRIREME-IN\n-A INPUT -s 198.18.0.1/32 -j TRIREME-IN\n-A INPUT -j TRIREME-IN\n\
+            -A TRIREME-IN -j ACCEPT\nCOMMIT\n";
+        let ours = Ours::parse(save);
+        assert_eq!(ours.chains, vec![CHAIN_IN, CHAIN_OUT]);
+        assert_eq!(ours.jumps, vec![("INPUT", CHAIN_IN), ("INPUT", CHAIN_IN)]);
+        let o = Options {
+            queue: 0,
+            queues: 1,
+            cpu_fanout: false,
+            fail_open: false,
+        };
+        let t = apply_text(false, &o, &ours);
+        assert!(!t.contains("-I INPUT"));
+        assert!(t.ends_with("-I OUTPUT 1 -j TRIREME-OUT\nCOMMIT\n"), "{t}");
+        assert_eq!(t.matches("COMMIT").count(), 1);
+        let fresh = apply_text(false, &o, &Ours::parse(""));
+        assert!(fresh.contains("-I INPUT 1 -j TRIREME-IN\n-I OUTPUT 1 -j TRIREME-OUT\nCOMMIT\n"));
         assert_eq!(
-            ips,
-            vec![
-                "198.18.1.10".parse::<std::net::IpAddr>().unwrap(),
-                "fd00::1:10".parse().unwrap()
-            ]
+            remove_text(&ours).unwrap(),
+            "*filter\n-D INPUT -j TRIREME-IN\n-D INPUT -j TRIREME-IN\n\
+             -F TRIREME-IN\n-X TRIREME-IN\n-F TRIREME-OUT\n-X TRIREME-OUT\nCOMMIT\n"
         );
-        assert!(parse_addresses("not json").is_err());
+        assert_eq!(
+            remove_text(&Ours::parse("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")),
+            None
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod enforcer;
 pub mod firewall;
 pub mod flows;
 pub mod lab;
+pub mod netns;
 pub mod nft;
 pub mod node;
 pub mod packet;

@@ -91,7 +91,7 @@ fn run(config: PathBuf) -> Result<(), String> {
         sigs.add(s);
     }
     sigs.thread_block().map_err(|e| e.to_string())?;
-    let e = Arc::new(node::enforcer(&cfg)?);
+    let e = Arc::new(node::enforcer(&cfg, true)?);
     let stop = Arc::new(AtomicBool::new(false));
     let mut node = Node::start(&cfg, &e, &stop)?;
     log(format!(
@@ -164,7 +164,7 @@ fn main() -> ExitCode {
         Cmd::Check { config } => Config::load(&config)
             .map_err(|e| e.to_string())
             .and_then(|cfg| {
-                let e = node::enforcer(&cfg)?;
+                let e = node::enforcer(&cfg, false)?;
                 println!(
                     "ok: node {}, {} PUs, ruleset sha256:{}",
                     cfg.node,

@@ -23,6 +23,7 @@
 
 use crate::datagram::{Element, PuTables};
 use crate::firewall::CT_MARK;
+use crate::netns;
 use nftables::{
     batch::Batch,
     expr::{BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField},
@@ -325,11 +326,14 @@ pub fn render(t: &PuTables, mode: Mode) -> nftables::schema::Nftables<'static> {
     b.to_nftables()
 }
 
-fn nft_in(netns: &Path) -> (String, Vec<String>) {
-    (
-        "nsenter".into(),
-        vec![format!("--net={}", netns.display()), "nft".into()],
-    )
+/// Hand `n` to `nft -j` from a thread inside the namespace at `netns`
+/// (the process inherits it: no `nsenter`).
+fn run_in(netns: &Path, n: nftables::schema::Nftables<'static>) -> Result<(), String> {
+    netns::run_in(netns, move || {
+        nftables::helper::apply_ruleset_with_args(&n, Some("nft"), std::iter::empty::<&str>())
+            .map_err(|e| e.to_string())
+    })
+    .map_err(|e| format!("nft in {e}"))
 }
 
 /// Install our table in the namespace at `netns`, or bring it to `t` in
@@ -337,20 +341,14 @@ fn nft_in(netns: &Path) -> (String, Vec<String>) {
 /// a table that cannot be updated in place (declared otherwise by an
 /// older version) is replaced.
 pub fn apply(netns: &Path, t: &PuTables) -> Result<Mode, String> {
-    let (prog, args) = nft_in(netns);
-    let run = |mode| {
-        nftables::helper::apply_ruleset_with_args(&render(t, mode), Some(&prog), &args)
-            .map(|()| mode)
-            .map_err(|e| format!("nft in {}: {e}", netns.display()))
-    };
-    run(Mode::InPlace).or_else(|_| run(Mode::Replace))
+    run_in(netns, render(t, Mode::InPlace))
+        .map(|()| Mode::InPlace)
+        .or_else(|_| run_in(netns, render(t, Mode::Replace)).map(|()| Mode::Replace))
 }
 
 /// Remove our table (absent is fine).
 pub fn remove(netns: &Path) -> Result<(), String> {
-    let (prog, args) = nft_in(netns);
-    nftables::helper::apply_ruleset_with_args(&without_table().to_nftables(), Some(&prog), &args)
-        .map_err(|e| format!("nft in {}: {e}", netns.display()))
+    run_in(netns, without_table().to_nftables())
 }
 
 #[cfg(test)]

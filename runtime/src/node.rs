@@ -118,13 +118,15 @@ fn inventory(cfg: &Config, slots: &[Option<PuConfig>], learn: bool) -> Result<In
     Ok(inv)
 }
 
-/// The enforcer for `cfg`, without touching the kernel (the PUs'
-/// addresses are learnt by `Node::start`).
-pub fn enforcer(cfg: &Config) -> Result<Enforcer, String> {
+/// The enforcer for `cfg`, its PUs in their slots and resolved, with
+/// their addresses read from their namespaces if `learn` (`run`; `check`
+/// touches no namespace). Resolver plugins run once per PU here, and the
+/// inventory is complete before `Node::start` lets any packet in.
+pub fn enforcer(cfg: &Config, learn: bool) -> Result<Enforcer, String> {
     let engine = engine(cfg)?;
     let rs = load_ruleset(cfg)?;
     let slots: Vec<_> = cfg.pus.iter().cloned().map(Some).collect();
-    let inv = inventory(cfg, &slots, false)?;
+    let inv = inventory(cfg, &slots, learn)?;
     if cfg.nodes.is_empty() && rs.uses_node_peers() {
         eprintln!(
             "trireme-runtime: WARNING: the ruleset has `nodes` peers but the config lists no nodes: they match nothing on this node"
@@ -207,7 +209,8 @@ impl std::fmt::Display for Reloaded {
 
 impl Node {
     /// Start the queue workers (one per queue number, each serving every
-    /// PU), then program every PU namespace.
+    /// PU), then program every PU namespace. `enforcer` comes from
+    /// `enforcer(cfg, true)`: it knows the PUs and their addresses already.
     pub fn start(
         cfg: &Config,
         enforcer: &Arc<Enforcer>,
@@ -238,7 +241,6 @@ impl Node {
             firewall::apply(netns, &opts).map_err(|e| format!("pu {}: {e}", pu.name))?;
         }
         let slots: Vec<_> = cfg.pus.iter().cloned().map(Some).collect();
-        enforcer.install_inventory(inventory(cfg, &slots, true)?);
         let mut applied = Vec::new();
         datagram_tables(&slots, enforcer, &enforcer.policy(), &mut applied)?;
         Ok(Node {

@@ -252,6 +252,9 @@ fn killed_runtime_fails_closed_restart_and_policy_update() {
     assert!(!probe(&t.fe, at(&t.be, 80)), "new connection while down");
     t.lab.restart(1);
     assert!(probe(&t.fe, at(&t.be, 80)), "new connection after restart");
+    // The restart replaced the chains and found the jumps to them in
+    // place: one per hook and family, not a second set.
+    assert_eq!(our_jumps(&t.be), 4);
 
     // Policy update: the backend now admits nobody.
     let rs = t.lab.dir.join("rs.bin");
@@ -898,6 +901,23 @@ spec:
 
 /// Whether anything of ours is in `h`'s namespace: our iptables chains
 /// or our nftables table.
+/// The jumps to our chains from INPUT and OUTPUT, both families.
+fn our_jumps(h: &Host) -> usize {
+    ["iptables-save", "ip6tables-save"]
+        .iter()
+        .map(|tool| {
+            let o = std::process::Command::new("ip")
+                .args(["netns", "exec", &h.ns, tool])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| *l == "-A INPUT -j TRIREME-IN" || *l == "-A OUTPUT -j TRIREME-OUT")
+                .count()
+        })
+        .sum()
+}
+
 fn has_our_rules(h: &Host) -> bool {
     let out = |args: &[&str]| {
         let o = std::process::Command::new("ip")
