@@ -335,6 +335,15 @@ enum State {
     /// Responder: this SYN was refused; its retransmissions are refused
     /// without another verification (and counted as denials, not replays).
     Denied { syn: Vec<u8> },
+    /// Initiator, the peer a PU of this node: egress was decided on the
+    /// SYN (the peer's identity is ours to know) and the flow is marked.
+    LocalSynSent { payload: Arc<[u8]> },
+    /// Responder-to-be, a PU of this node: this runtime let a SYN carrying
+    /// exactly this token out of the initiator's namespace, on this tuple.
+    Witnessed { syn: Arc<[u8]> },
+    /// Responder of a same-node flow: the witnessed SYN was verified and
+    /// admitted, the flow is marked. Its retransmissions pass.
+    LocalDone { syn: Vec<u8> },
 }
 
 pub struct Enforcer {
@@ -821,14 +830,47 @@ impl Enforcer {
         now_ms: u64,
         now_s: u64,
     ) -> Verdict {
+        // The peer is a PU of this node when its address is one of ours
+        // (not this PU's own: that goes over loopback).
+        let local_peer = l
+            .inv
+            .local_ips
+            .get(&key.remote.ip())
+            .copied()
+            .filter(|&j| j != pu && l.slot(j).is_some());
         let mut t = lock(&self.flows);
-        let payload = match t.get_mut(&key, now_ms) {
+        let (payload, local) = match t.get_mut(&key, now_ms) {
             Some(State::SynSent { payload, .. }) => {
                 self.counters.inc("syn_retransmitted");
-                payload.clone()
+                (payload.clone(), false)
+            }
+            Some(State::LocalSynSent { payload }) => {
+                self.counters.inc("syn_retransmitted");
+                (payload.clone(), true)
             }
             _ => {
                 drop(t);
+                // Same node: this runtime knows the peer's identity (and
+                // named ports) first-hand, so egress is decided now, and
+                // the flow marked with the SYN. The peer's ingress is still
+                // decided on our token, which it sees as any SYN.
+                if local_peer.is_some()
+                    && !self.allowed_under(
+                        l,
+                        pu,
+                        Hook::Out,
+                        Query {
+                            local: key.local.ip(),
+                            remote: key.remote.ip(),
+                            port: key.remote.port(),
+                            protocol: Protocol::Tcp,
+                        },
+                        None,
+                    )
+                {
+                    lock(&self.flows).remove(&key);
+                    return Verdict::Drop("egress_denied");
+                }
                 let tok = match self.local_token(l, pu, now_s) {
                     Ok(tok) => tok,
                     Err(c) => return Verdict::Drop(c),
@@ -836,23 +878,53 @@ impl Enforcer {
                 let (payload, st) = self.engine.syn(&tok, None, now_s);
                 let payload: Arc<[u8]> = payload.into();
                 t = lock(&self.flows);
-                self.remember(
-                    &mut t,
-                    key,
+                let state = if local_peer.is_some() {
+                    State::LocalSynSent {
+                        payload: payload.clone(),
+                    }
+                } else {
                     State::SynSent {
                         st,
                         payload: payload.clone(),
+                    }
+                };
+                self.remember(&mut t, key, state, now_ms);
+                (payload, local_peer.is_some())
+            }
+        };
+        if local && let Some(j) = local_peer {
+            // The responder's side of the same flow, as it will key it.
+            let theirs = FlowKey {
+                pu: j as u32,
+                local: key.remote,
+                remote: key.local,
+            };
+            // Unless the responder has decided on this very SYN already (a
+            // retransmission): its decision stands.
+            let decided = match t.get_mut(&theirs, now_ms) {
+                Some(State::LocalDone { syn }) | Some(State::Denied { syn }) => **syn == *payload,
+                _ => false,
+            };
+            if !decided {
+                self.remember(
+                    &mut t,
+                    theirs,
+                    State::Witnessed {
+                        syn: payload.clone(),
                     },
                     now_ms,
                 );
-                payload
             }
-        };
+        }
         drop(t);
         match packet::attach(pkt, &payload) {
             Ok(p) => {
                 self.counters.inc("syn_sent");
-                Verdict::Rewrite(p)
+                if local {
+                    Verdict::Authorize(Some(p))
+                } else {
+                    Verdict::Rewrite(p)
+                }
             }
             Err(e) => {
                 lock(&self.flows).remove(&key);
@@ -911,6 +983,10 @@ impl Enforcer {
                 Some(State::Denied { syn }) if *syn == stripped.token => {
                     return Verdict::Drop("ingress_denied");
                 }
+                Some(State::LocalDone { syn }) if *syn == stripped.token => {
+                    self.counters.inc("syn_retransmitted");
+                    return Verdict::Authorize(Some(stripped.packet));
+                }
                 _ => {}
             }
         }
@@ -941,10 +1017,31 @@ impl Enforcer {
             );
             return Verdict::Drop("ingress_denied");
         }
+        self.counters.inc("ingress_allowed");
+        let mut t = lock(&self.flows);
+        // A SYN this runtime saw leave a PU of its own, token and tuple
+        // exactly: the initiator decided egress then, and no replay can
+        // match (a captured SYN carries a spent token, and the witness is
+        // replaced by this verdict). Both sides are decided: mark the
+        // flow now, and the kernel carries the SYN-ACK and the ACK, four
+        // trips to userspace fewer than a handshake between nodes.
+        if matches!(t.get_mut(&key, now_ms), Some(State::Witnessed { syn }) if **syn == *stripped.token)
+        {
+            self.remember(
+                &mut t,
+                key,
+                State::LocalDone {
+                    syn: stripped.token,
+                },
+                now_ms,
+            );
+            self.counters.inc("local_handshakes");
+            return Verdict::Authorize(Some(stripped.packet));
+        }
         // A new SYN on a tuple in another state (source-port reuse, or a
         // simultaneous open) replaces it.
         self.remember(
-            &mut lock(&self.flows),
+            &mut t,
             key,
             State::SynReceived {
                 syn: stripped.token,
@@ -952,7 +1049,6 @@ impl Enforcer {
             },
             now_ms,
         );
-        self.counters.inc("ingress_allowed");
         Verdict::Rewrite(stripped.packet)
     }
 
@@ -1000,6 +1096,9 @@ impl Enforcer {
             // identity and the peer decides on it; we decided nothing yet,
             // so refuse (the peer's kernel retries with a plain handshake).
             Some(State::SynSent { .. }) => return Verdict::Drop("simultaneous_open"),
+            // A same-node flow, decided and marked on the SYN: its SYN-ACK
+            // only comes here if the mark was not in place yet.
+            Some(State::LocalDone { .. }) => return Verdict::Authorize(None),
             _ => return Verdict::Drop("synack_without_flow"),
         };
         drop(t);
@@ -1027,6 +1126,11 @@ impl Enforcer {
             return Verdict::Drop("synack_without_flow");
         };
         let Some(stripped) = stripped else {
+            // A same-node flow: egress was decided on the SYN, and the
+            // responder, a PU of ours, answers without a token.
+            if matches!(state, State::LocalSynSent { .. }) {
+                return Verdict::Authorize(None);
+            }
             // The destination does not enforce: egress by IP.
             if !matches!(state, State::SynSent { .. }) {
                 return Verdict::Drop("synack_without_token");
@@ -1125,7 +1229,7 @@ impl Enforcer {
                 }
             }
             Some(State::AckSent { .. }) => Verdict::Accept,
-            Some(State::Done { .. }) => Verdict::Authorize(None),
+            Some(State::Done { .. }) | Some(State::LocalSynSent { .. }) => Verdict::Authorize(None),
             // Responder: our kernel answered the SYN we passed with a bare
             // ACK, not a SYN-ACK: it still holds an older connection on this
             // tuple (the peer restarted and reused the port, or a pod reused
@@ -1179,6 +1283,11 @@ impl Enforcer {
                 self.counters.inc("stale_connection_ack");
                 Verdict::Accept
             }
+            Some(State::LocalDone { .. }) => match packet::strip(pkt) {
+                Ok(None) => Verdict::Authorize(None),
+                Ok(Some(_)) => Verdict::Drop("token_unexpected"),
+                Err(e) => Verdict::Drop(e.counter()),
+            },
             Some(State::Done { ack }) => match packet::strip(pkt) {
                 Ok(None) => Verdict::Authorize(None),
                 // The initiator re-sent the ACK we accepted (its copy of our

@@ -3,7 +3,9 @@
 //! per Kubernetes namespace), probed pair by pair with real TCP. For each
 //! case the observed matrix must equal `trireme matrix` on the same
 //! snapshot. Each node spreads its flows over two queues per namespace
-//! (NFQUEUE balance), so the shared flow table is exercised too. Needs root.
+//! (NFQUEUE balance), so the shared flow table is exercised too. Pairs
+//! within a namespace are same-node pairs, decided on the SYN; the others
+//! handshake between nodes. Needs root.
 
 mod common;
 use common::*;
@@ -199,4 +201,11 @@ fn observed_matrix_equals_trireme_matrix() {
         allowed > 50 && denied > 50,
         "{allowed} allowed, {denied} denied"
     );
+    // Pods of one namespace share a node: their pairs took the same-node
+    // path (decided on the SYN), the others the handshake between nodes;
+    // both gave the matrix.
+    for r in 0..3 {
+        assert!(lab.counter(r, "local_handshakes") > 0, "{}", lab.stats(r));
+        assert!(lab.counter(r, "handled_synack_in") > 0, "{}", lab.stats(r));
+    }
 }

@@ -600,7 +600,8 @@ fn by_default_each_cpu_has_its_queue_and_thread() {
 
 /// One worker thread per queue serves that queue in every PU's namespace:
 /// threads are bounded by CPUs, not PUs × CPUs, and two PUs of one node
-/// handshake through the same threads (allowed and denied alike).
+/// handshake through the same threads (allowed and denied alike), on the
+/// SYN alone (the same-node path: docs/enforcer.md).
 #[test]
 fn queue_threads_are_shared_by_the_pus_of_a_node() {
     if skip() {
@@ -632,6 +633,21 @@ fn queue_threads_are_shared_by_the_pus_of_a_node() {
         "{}",
         t.lab.stats(1)
     );
+    // Same node: decided on the SYN on both sides. Only the SYNs reached
+    // userspace; the kernel carried every SYN-ACK and ACK.
+    assert!(
+        t.lab.counter(1, "local_handshakes") >= 40,
+        "{}",
+        t.lab.stats(1)
+    );
+    for kind in ["synack_out", "synack_in", "ack_out", "ack_in"] {
+        assert_eq!(
+            t.lab.counter(1, &format!("handled_{kind}")),
+            0,
+            "{kind}: {}",
+            t.lab.stats(1)
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

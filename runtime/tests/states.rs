@@ -429,3 +429,161 @@ fn a_removed_pus_slot_allows_nothing_and_is_reused_clean() {
     let (_, vb) = handshake(&a, &b, &p, NOW + 1);
     assert_eq!(vb, Verdict::Authorize(Some(p.ack.clone())));
 }
+
+/// One node serving both PUs (client at A in slot 0, server at B in slot
+/// 1) under `policies` (NetworkPolicy YAML; none: all allowed).
+fn one_node(policies: Option<&str>) -> Enforcer {
+    let engine = Engine::new(
+        Config::new("node-a", "trireme"),
+        Credentials::Psk(Box::new(Psk::new(&[42; 32]).unwrap())),
+    )
+    .unwrap();
+    let none = std::collections::BTreeMap::<String, String>::new();
+    let pu = |role: &str| {
+        let mut id = Identity::for_pod("default", &none, &none);
+        id.insert("role", role);
+        Pu::new(role, id, vec![])
+    };
+    let rs = match policies {
+        None => Ruleset::new(vec![], vec![]),
+        Some(yaml) => {
+            let dir = std::env::temp_dir().join(format!("trst{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let src = dir.join("p.yaml");
+            std::fs::write(&src, yaml).unwrap();
+            let loaded = trireme_compiler::source::load(&[src]).expect("policies compile");
+            let _ = std::fs::remove_dir_all(&dir);
+            trireme_compiler::compile::compile(&loaded)
+        }
+    };
+    let e = Enforcer::new(
+        engine,
+        vec![pu("client"), pu("server")],
+        rs,
+        HashMap::new(),
+        64,
+        10_000,
+    )
+    .unwrap();
+    e.set_local_ips(HashMap::from([(A.into(), 0), (B.into(), 1)]));
+    e
+}
+
+/// Two PUs of one node: the initiator decides egress on the SYN (the
+/// runtime knows its peer first-hand) and marks it; the responder admits
+/// the SYN it saw leave, on its token, and marks too. Two trips instead
+/// of six; the kernel carries the SYN-ACK and ACK. Retransmissions pass
+/// on both sides, denials are made where they always were, and a SYN
+/// nobody witnessed (or a replay) takes the handshake between nodes.
+#[test]
+fn a_same_node_handshake_is_decided_on_the_syn() {
+    let n = one_node(None);
+    let p = packets(41000);
+    let syn = match n.handle(0, Hook::Out, &p.syn, NOW) {
+        Verdict::Authorize(Some(s)) => s,
+        other => panic!("the initiator marks a same-node SYN: {other:?}"),
+    };
+    assert_ne!(syn, p.syn, "the SYN still carries the token");
+    assert_eq!(
+        n.handle(1, Hook::In, &syn, NOW),
+        Verdict::Authorize(Some(p.syn.clone()))
+    );
+    assert_eq!(n.counters.get("local_handshakes"), 1);
+    assert_eq!(n.counters.get("authorized"), 2);
+    // Only if a mark was not in place yet do the rest come here; they pass.
+    assert_eq!(
+        n.handle(1, Hook::Out, &p.synack, NOW),
+        Verdict::Authorize(None)
+    );
+    assert_eq!(
+        n.handle(0, Hook::In, &p.synack, NOW),
+        Verdict::Authorize(None)
+    );
+    assert_eq!(
+        n.handle(0, Hook::Out, &p.ack, NOW),
+        Verdict::Authorize(None)
+    );
+    assert_eq!(n.handle(1, Hook::In, &p.ack, NOW), Verdict::Authorize(None));
+    // A retransmitted SYN (the first was lost, or refused by a full
+    // backlog): the same token again, marked again on both sides.
+    let again = match n.handle(0, Hook::Out, &p.syn, NOW + 1000) {
+        Verdict::Authorize(Some(s)) => s,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(again, syn);
+    assert_eq!(
+        n.handle(1, Hook::In, &again, NOW + 1000),
+        Verdict::Authorize(Some(p.syn.clone()))
+    );
+    assert_eq!(n.counters.get("syn_retransmitted"), 2);
+    // The same token on another tuple is a replay.
+    let other = packets(41001);
+    let token = trireme_runtime::packet::strip(&syn).unwrap().unwrap().token;
+    let replay = trireme_runtime::packet::attach(&other.syn, &token).unwrap();
+    assert_eq!(
+        n.handle(1, Hook::In, &replay, NOW),
+        Verdict::Drop("token_replay")
+    );
+    // A SYN from elsewhere with a fresh token for a local address, never
+    // seen leaving the initiator's namespace: the full handshake.
+    let far = node("node-b", "client", 64);
+    let from_far = rewritten(far.handle(0, Hook::Out, &other.syn, NOW));
+    assert_eq!(
+        n.handle(1, Hook::In, &from_far, NOW),
+        Verdict::Rewrite(other.syn.clone())
+    );
+    assert_eq!(n.counters.get("local_handshakes"), 1);
+}
+
+#[test]
+fn a_same_node_handshake_denies_where_the_other_does() {
+    let deny_ingress = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server, namespace: default}
+spec:
+  podSelector: {matchLabels: {role: server}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{podSelector: {matchLabels: {role: nobody}}}]}]
+";
+    let n = one_node(Some(deny_ingress));
+    let p = packets(42000);
+    let syn = match n.handle(0, Hook::Out, &p.syn, NOW) {
+        Verdict::Authorize(Some(s)) => s,
+        other => panic!("egress is open: {other:?}"),
+    };
+    assert_eq!(
+        n.handle(1, Hook::In, &syn, NOW),
+        Verdict::Drop("ingress_denied")
+    );
+    // Its retransmission too, without another verification.
+    assert_eq!(
+        n.handle(0, Hook::Out, &p.syn, NOW + 1000),
+        Verdict::Authorize(Some(syn.clone()))
+    );
+    assert_eq!(
+        n.handle(1, Hook::In, &syn, NOW + 1000),
+        Verdict::Drop("ingress_denied")
+    );
+    assert_eq!(n.counters.get("local_handshakes"), 0);
+
+    let deny_egress = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client, namespace: default}
+spec:
+  podSelector: {matchLabels: {role: client}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {role: server}}}], ports: [{port: 443}]}]
+";
+    let n = one_node(Some(deny_egress));
+    // Decided on the SYN, on the server's labels: nothing leaves.
+    assert_eq!(
+        n.handle(0, Hook::Out, &p.syn, NOW),
+        Verdict::Drop("egress_denied")
+    );
+    assert_eq!(n.flow_stats().0, 0, "no state kept for a denied SYN");
+    let to_443 = tcp(A, 42001, B, 443, "S", 1);
+    assert!(matches!(
+        n.handle(0, Hook::Out, &to_443, NOW),
+        Verdict::Authorize(Some(_))
+    ));
+}
