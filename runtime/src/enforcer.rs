@@ -297,6 +297,20 @@ impl Loaded {
 }
 
 /// The addresses, port and protocol one policy direction is decided on.
+/// The query a TCP flow is decided on: the destination's port, whichever
+/// end this PU is.
+fn tcp_query(key: &FlowKey, hook: Hook) -> Query {
+    Query {
+        local: key.local.ip(),
+        remote: key.remote.ip(),
+        port: match hook {
+            Hook::In => key.local.port(),
+            Hook::Out => key.remote.port(),
+        },
+        protocol: Protocol::Tcp,
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Query {
     local: IpAddr,
@@ -855,18 +869,7 @@ impl Enforcer {
                 // the flow marked with the SYN. The peer's ingress is still
                 // decided on our token, which it sees as any SYN.
                 if local_peer.is_some()
-                    && !self.allowed_under(
-                        l,
-                        pu,
-                        Hook::Out,
-                        Query {
-                            local: key.local.ip(),
-                            remote: key.remote.ip(),
-                            port: key.remote.port(),
-                            protocol: Protocol::Tcp,
-                        },
-                        None,
-                    )
+                    && !self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), None)
                 {
                     lock(&self.flows).remove(&key);
                     return Verdict::Drop("egress_denied");
@@ -947,18 +950,7 @@ impl Enforcer {
             Ok(None) => {
                 // No marker: a peer that does not enforce, judged by IP.
                 lock(&self.flows).remove(&key);
-                let ok = self.allowed_under(
-                    l,
-                    pu,
-                    Hook::In,
-                    Query {
-                        local: key.local.ip(),
-                        remote: key.remote.ip(),
-                        port: key.local.port(),
-                        protocol: Protocol::Tcp,
-                    },
-                    None,
-                );
+                let ok = self.allowed_under(l, pu, Hook::In, tcp_query(&key, Hook::In), None);
                 return if ok {
                     self.counters.inc("ingress_allowed_by_ip");
                     Verdict::Authorize(None)
@@ -995,18 +987,7 @@ impl Enforcer {
             Err(e) => return Verdict::Drop(e.counter()),
         };
         let peer = identity_of(&st.peer);
-        if !self.allowed_under(
-            l,
-            pu,
-            Hook::In,
-            Query {
-                local: key.local.ip(),
-                remote: key.remote.ip(),
-                port: key.local.port(),
-                protocol: Protocol::Tcp,
-            },
-            Some(&*peer),
-        ) {
+        if !self.allowed_under(l, pu, Hook::In, tcp_query(&key, Hook::In), Some(&*peer)) {
             self.remember(
                 &mut lock(&self.flows),
                 key,
@@ -1137,18 +1118,7 @@ impl Enforcer {
             }
             t.remove(&key);
             drop(t);
-            let ok = self.allowed_under(
-                l,
-                pu,
-                Hook::Out,
-                Query {
-                    local: key.local.ip(),
-                    remote: key.remote.ip(),
-                    port: key.remote.port(),
-                    protocol: Protocol::Tcp,
-                },
-                None,
-            );
+            let ok = self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), None);
             return if ok {
                 self.counters.inc("egress_allowed_by_ip");
                 Verdict::Authorize(None)
@@ -1176,18 +1146,7 @@ impl Enforcer {
                     Err(e) => return Verdict::Drop(e.counter()),
                 };
                 let peer = identity_of(&peer);
-                if !self.allowed_under(
-                    l,
-                    pu,
-                    Hook::Out,
-                    Query {
-                        local: key.local.ip(),
-                        remote: key.remote.ip(),
-                        port: key.remote.port(),
-                        protocol: Protocol::Tcp,
-                    },
-                    Some(&*peer),
-                ) {
+                if !self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), Some(&*peer)) {
                     lock(&self.flows).remove(&key);
                     return Verdict::Drop("egress_denied");
                 }
