@@ -66,7 +66,8 @@ pub fn global_addresses() -> Result<Vec<std::net::IpAddr>, String> {
         if libc::send(raw, req.as_ptr().cast(), req.len(), 0) != req.len() as isize {
             return Err(err("send"));
         }
-        let mut buf = vec![0u8; 32 * 1024];
+        // The kernel fills a dump's datagrams up to 32 KiB: never truncated.
+        let mut buf = vec![0u8; 64 * 1024];
         let mut ips = Vec::new();
         loop {
             let n = libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0);
