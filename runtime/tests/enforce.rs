@@ -454,6 +454,10 @@ fn data_that_overtakes_the_token_ack_is_held_then_released() {
     on_token_acks(&t.be, "mangle", &["-j", "NFQUEUE", "--queue-num", "9"]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let delayed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The delaying queue must listen before the first token ACK: the rule
+    // queues without bypass, so an ACK sent before the bind would be lost
+    // (and the held request expire before the SYN-ACK's retransmission).
+    let (bound, listening) = std::sync::mpsc::channel();
     let delayer = {
         let (path, stop, delayed) = (t.be.path(), stop.clone(), delayed.clone());
         std::thread::spawn(move || {
@@ -462,6 +466,7 @@ fn data_that_overtakes_the_token_ack_is_held_then_released() {
             let mut q = nfq::Queue::open().unwrap();
             q.bind(9).unwrap();
             q.set_nonblocking(true);
+            bound.send(()).unwrap();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match q.recv() {
                     Ok(mut m) => {
@@ -475,6 +480,7 @@ fn data_that_overtakes_the_token_ack_is_held_then_released() {
             }
         })
     };
+    listening.recv_timeout(Duration::from_secs(10)).unwrap();
     for _ in 0..3 {
         let got = fetch(&t.fe, at(&t.be, 80), 4096, Duration::from_secs(5));
         assert_eq!(got.as_deref(), Some(expected_sha256(4096).as_str()));
