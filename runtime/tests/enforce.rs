@@ -622,12 +622,14 @@ fn queue_threads_are_shared_by_the_pus_of_a_node() {
     assert_eq!(nfq(1), cpus, "node B serves three PUs");
     assert_eq!(nfq(0), cpus, "node A serves one PU");
     serve(&t.db, t.db.ip4, 5432);
+    serve(&t.db, t.db.ip6, 5432);
     serve(&t.db, t.db.ip4, 80);
     serve(&t.web, t.web.ip4, 80);
     for _ in 0..20 {
         assert!(probe(&t.be, at(&t.db, 5432)), "backend -> db, same node");
         assert!(probe(&t.be, at(&t.web, 80)), "backend -> web, same node");
     }
+    assert!(probe(&t.be, at6(&t.db, 5432)), "backend -> db over IPv6");
     assert!(!probe(&t.be, at(&t.db, 80)), "db admits only 5432");
     assert!(
         t.lab.counter(1, "ingress_allowed") >= 40,
@@ -642,7 +644,7 @@ fn queue_threads_are_shared_by_the_pus_of_a_node() {
     // Same node: decided on the SYN on both sides. Only the SYNs reached
     // userspace; the kernel carried every SYN-ACK and ACK.
     assert!(
-        t.lab.counter(1, "local_handshakes") >= 40,
+        t.lab.counter(1, "local_handshakes") >= 41,
         "{}",
         t.lab.stats(1)
     );
