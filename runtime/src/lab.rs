@@ -69,16 +69,10 @@ pub struct Lab {
     pub runtimes: Vec<Runtime>,
 }
 
-/// Run `f` on a thread inside the network namespace at `path`.
+/// Run `f` on a thread inside the network namespace at `path` (tests and
+/// benches: a namespace that cannot be entered is a broken lab, so panic).
 pub fn in_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = path.to_path_buf();
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
+    crate::netns::run_in(path, move || Ok(f())).unwrap()
 }
 
 impl Lab {

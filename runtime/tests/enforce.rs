@@ -923,8 +923,6 @@ spec:
     ports: [{port: 80}]
 "#;
 
-/// Whether anything of ours is in `h`'s namespace: our iptables chains
-/// or our nftables table.
 /// The jumps to our chains from INPUT and OUTPUT, both families.
 fn our_jumps(h: &Host) -> usize {
     ["iptables-save", "ip6tables-save"]
@@ -942,6 +940,8 @@ fn our_jumps(h: &Host) -> usize {
         .sum()
 }
 
+/// Whether anything of ours is in `h`'s namespace: our iptables chains
+/// or our nftables table.
 fn has_our_rules(h: &Host) -> bool {
     let out = |args: &[&str]| {
         let o = std::process::Command::new("ip")
