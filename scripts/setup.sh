@@ -37,12 +37,10 @@ if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
     exit 1
   fi
 fi
-# The enforcer's tests and demo: network namespaces (iproute2, nsenter from
-# util-linux), iptables-nft for the TCP chains, nft for the UDP/SCTP sets,
+# The enforcer's tests and demo: network namespaces (iproute2), iptables-nft for the TCP chains, nft for the UDP/SCTP sets,
 # scapy for the replay and SCTP tests.
 need=()
 command -v ip >/dev/null || need+=(iproute2)
-command -v nsenter >/dev/null || need+=(util-linux)
 command -v iptables-restore >/dev/null || need+=(iptables)
 command -v nft >/dev/null || need+=(nftables)
 /usr/bin/python3 -c 'import scapy' 2>/dev/null || need+=(python3-scapy)
