@@ -70,6 +70,16 @@ pub struct Config {
     /// Counters are written here as JSON every second (and at exit).
     #[serde(default)]
     pub stats: Option<PathBuf>,
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this
+    /// address (`0.0.0.0:9464` for a DaemonSet's probes and scrapes). Off
+    /// when absent.
+    #[serde(default)]
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// One JSON line per decision (allowed, denied, dropped with the
+    /// reason and the peer's verified labels): a file, appended to, or
+    /// `-` for standard output. Off when absent.
+    #[serde(default)]
+    pub flow_log: Option<PathBuf>,
     #[serde(default)]
     pub pus: Vec<PuConfig>,
     /// Workloads elsewhere that send no token (not enforced), known by IP:
@@ -285,6 +295,11 @@ impl Config {
         if let Some(p) = &mut self.stats {
             fix(p);
         }
+        if let Some(p) = &mut self.flow_log
+            && p.as_os_str() != "-"
+        {
+            fix(p);
+        }
     }
 
     /// The settings that differ in `new` and that only a restart can
@@ -312,6 +327,11 @@ impl Config {
             self.handshake_timeout == new.handshake_timeout,
         );
         check("stats", self.stats == new.stats);
+        check(
+            "metricsAddress",
+            self.metrics_address == new.metrics_address,
+        );
+        check("flowLog", self.flow_log == new.flow_log);
         check("plugins", self.plugins == new.plugins);
         v
     }
@@ -487,13 +507,28 @@ mod tests {
         .unwrap();
         assert!(c.restart_only_changes(&same).is_empty());
         let other = load(
-            "node: m\nruleset: other.bin\nkeys: {psk: k2}\nmaxFlows: 99\nfanout: flow\nplugins: {timeoutMs: 5}\n",
+            "node: m\nruleset: other.bin\nkeys: {psk: k2}\nmaxFlows: 99\nfanout: flow\nplugins: {timeoutMs: 5}\nmetricsAddress: 127.0.0.1:9464\nflowLog: '-'\n",
         )
         .unwrap();
         assert_eq!(
             c.restart_only_changes(&other),
-            ["node", "keys", "fanout", "maxFlows", "plugins"]
+            [
+                "node",
+                "keys",
+                "fanout",
+                "maxFlows",
+                "metricsAddress",
+                "flowLog",
+                "plugins"
+            ]
         );
+        // `-` is standard output, not a file next to the config; a
+        // relative path is.
+        assert_eq!(other.flow_log.as_deref(), Some(std::path::Path::new("-")));
+        let rel = load(&format!("{BASE}flowLog: flows.jsonl\n")).unwrap();
+        assert!(rel.flow_log.unwrap().is_absolute());
+        let bad = load(&format!("{BASE}metricsAddress: localhost\n")).unwrap_err();
+        assert!(bad.msg.contains("metricsAddress"), "{bad}");
     }
 
     #[test]

@@ -26,7 +26,9 @@
 
 use crate::counters::Counters;
 use crate::datagram::{Boundaries, Cell, PuTables};
+use crate::flowlog::{Direction, FlowEvent, FlowLog, Remote};
 use crate::flows::{FlowKey, FlowTable};
+use crate::metrics::Histogram;
 use crate::packet::{self, ACK, RST, SYN};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -323,7 +325,12 @@ struct Query {
 enum State {
     /// Initiator: SYN sent (the payload is kept so a retransmitted SYN
     /// carries the same nonce, which the responder recognises).
-    SynSent { st: SynSent, payload: Arc<[u8]> },
+    SynSent {
+        st: SynSent,
+        payload: Arc<[u8]>,
+        /// When the SYN left (`mono_us`), for the latency histogram.
+        since: u64,
+    },
     /// Initiator: SYN-ACK verified and allowed; the ACK payload waits for
     /// the kernel's ACK. `synack` is a keyed hash of the SYN-ACK token, by
     /// which a re-sent copy is recognised (the token itself is ~400 bytes,
@@ -335,12 +342,18 @@ enum State {
     /// ACK carries the token again.
     AckSent { synack: u64, ack: Vec<u8> },
     /// Responder: SYN verified and allowed.
-    SynReceived { syn: Vec<u8>, st: SynReceived },
+    SynReceived {
+        syn: Vec<u8>,
+        st: SynReceived,
+        /// When the SYN arrived (`mono_us`).
+        since: u64,
+    },
     /// Responder: SYN-ACK sent, waiting for the ACK.
     AwaitAck {
         syn: Vec<u8>,
         synack: Arc<[u8]>,
         st: AwaitAck,
+        since: u64,
     },
     /// Responder: authorized; packets queued before the conntrack mark took
     /// effect pass. It keeps the ACK token it accepted, so that a re-sent
@@ -371,6 +384,14 @@ pub struct Enforcer {
     /// Segments the queue workers hold without a verdict, node-wide.
     held: std::sync::atomic::AtomicUsize,
     pub counters: Counters,
+    /// Drops by reason alone (they are in `counters` too), for metrics.
+    pub drops: Counters,
+    /// Between nodes: SYN out to SYN-ACK in, at the initiator.
+    pub handshake_initiator: Histogram,
+    /// Between nodes: SYN in to ACK verified, at the responder.
+    pub handshake_responder: Histogram,
+    /// Set once, before the queues start, when `flowLog` is configured.
+    flow_log: OnceLock<FlowLog>,
     host: LazyHost,
 }
 
@@ -411,6 +432,46 @@ fn key_of(pu: usize, hook: Hook, m: &packet::TcpMeta) -> FlowKey {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Drops that are policy decisions: logged where they are made, with
+/// the peer's identity, and not again for each retransmission.
+fn is_policy_denial(reason: &str) -> bool {
+    matches!(
+        reason,
+        "ingress_denied" | "egress_denied" | "ingress_denied_by_ip" | "egress_denied_by_ip"
+    )
+}
+
+/// Microseconds on a monotonic clock, for handshake latencies (the
+/// wall clock that timestamps tokens may step).
+fn mono_us() -> u64 {
+    static BASE: OnceLock<std::time::Instant> = OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
+}
+
+/// The connection's direction as one packet tells it: a SYN is sent by
+/// the side that opens, a SYN-ACK by the other, and any later segment
+/// arriving at a PU is counted against its ingress.
+fn direction_of(hook: Hook, flags: u8) -> Direction {
+    let opener = flags & SYN != 0 && flags & ACK == 0;
+    let synack = flags & SYN != 0 && flags & ACK != 0;
+    match (hook, opener, synack) {
+        (Hook::In, _, true) | (Hook::Out, true, _) => Direction::Egress,
+        (Hook::Out, _, true) => Direction::Ingress,
+        (Hook::In, _, _) => Direction::Ingress,
+        (Hook::Out, _, _) => Direction::Egress,
+    }
+}
+
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
 }
 
 impl Enforcer {
@@ -464,6 +525,10 @@ impl Enforcer {
             synack_hash: std::hash::RandomState::new(),
             held: std::sync::atomic::AtomicUsize::new(0),
             counters: Counters::default(),
+            drops: Counters::default(),
+            handshake_initiator: Histogram::default(),
+            handshake_responder: Histogram::default(),
+            flow_log: OnceLock::new(),
             host,
         })
     }
@@ -740,14 +805,110 @@ impl Enforcer {
         let v = self.decide(pu, hook, pkt, now_ms);
         match &v {
             Verdict::Drop(reason) => {
-                self.counters.inc("dropped");
-                self.counters.inc(reason);
+                self.count_drop(reason);
+                // Policy decisions are logged where they are made, with
+                // the peer's identity; this logs the rest (bad tokens,
+                // replays, strays), once per packet.
+                if self.flow_log.get().is_some() && !is_policy_denial(reason) {
+                    self.log_dropped_packet(pu, hook, pkt, reason);
+                }
             }
             Verdict::Authorize(_) | Verdict::Provisional(_) => self.counters.inc("authorized"),
             Verdict::Revoke(_) => self.counters.inc("revoked"),
             _ => {}
         }
         v
+    }
+
+    /// Count a drop under its reason (the queues count theirs here too).
+    pub fn count_drop(&self, reason: &'static str) {
+        self.counters.inc("dropped");
+        self.counters.inc(reason);
+        self.drops.inc(reason);
+    }
+
+    /// Log every decision from now on (`flowLog`). Once per process.
+    pub fn set_flow_log(&self, log: FlowLog) -> Result<(), String> {
+        self.flow_log
+            .set(log)
+            .map_err(|_| "the flow log is already set".to_string())
+    }
+
+    /// A segment the responder held for its token ACK, dropped (the ACK
+    /// never came in time, or the hold was full): counted and logged.
+    pub fn drop_held(&self, key: &FlowKey, reason: &'static str) {
+        self.count_drop(reason);
+        if self.flow_log.get().is_some() {
+            let l = self.policy();
+            let (d, p) = (Direction::Ingress, Protocol::Tcp);
+            self.log_flow(&l, key, d, p, false, reason, || Remote::Address);
+        }
+    }
+
+    /// Log one decision, if flow logs are on (a branch, when they are not).
+    #[allow(clippy::too_many_arguments)]
+    fn log_flow(
+        &self,
+        l: &Loaded,
+        key: &FlowKey,
+        direction: Direction,
+        protocol: Protocol,
+        allowed: bool,
+        reason: &'static str,
+        peer: impl FnOnce() -> Remote,
+    ) {
+        // Nothing is built, not even a reference count taken, when off.
+        let Some(log) = self.flow_log.get() else {
+            return;
+        };
+        let ev = FlowEvent {
+            at_ms: crate::flowlog::wall_ms(),
+            pu: l.inventory().pus.get(key.pu as usize).cloned().flatten(),
+            direction,
+            protocol: protocol_name(protocol),
+            local: key.local,
+            remote: key.remote,
+            allowed,
+            reason,
+            peer: peer(),
+        };
+        log.send(ev, &self.counters);
+    }
+
+    /// A packet dropped for another reason than policy, logged from its
+    /// headers (a packet too malformed to give a tuple is counted only).
+    fn log_dropped_packet(&self, pu: usize, hook: Hook, pkt: &[u8], reason: &'static str) {
+        let l = self.policy();
+        let (key, direction, protocol) = match packet::tcp_meta(pkt) {
+            Ok(m) => (
+                key_of(pu, hook, &m),
+                direction_of(hook, m.flags),
+                Protocol::Tcp,
+            ),
+            Err(_) => {
+                let Ok(m) = packet::ip_meta(pkt) else { return };
+                let protocol = match m.protocol {
+                    17 => Protocol::Udp,
+                    132 => Protocol::Sctp,
+                    _ => return,
+                };
+                let src = std::net::SocketAddr::new(m.src, m.src_port);
+                let dst = std::net::SocketAddr::new(m.dst, m.dst_port);
+                let (local, remote, direction) = match hook {
+                    Hook::In => (dst, src, Direction::Ingress),
+                    Hook::Out => (src, dst, Direction::Egress),
+                };
+                let key = FlowKey {
+                    pu: pu as u32,
+                    local,
+                    remote,
+                };
+                (key, direction, protocol)
+            }
+        };
+        self.log_flow(&l, &key, direction, protocol, false, reason, || {
+            Remote::Address
+        });
     }
 
     /// Segments held node-wide at most (each keeps a ~72 KiB receive buffer
@@ -868,11 +1029,22 @@ impl Enforcer {
                 // named ports) first-hand, so egress is decided now, and
                 // the flow marked with the SYN. The peer's ingress is still
                 // decided on our token, which it sees as any SYN.
-                if local_peer.is_some()
-                    && !self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), None)
-                {
-                    lock(&self.flows).remove(&key);
-                    return Verdict::Drop("egress_denied");
+                if let Some(j) = local_peer {
+                    let ok = self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), None);
+                    let peer = || match l.inventory().pus.get(j).cloned().flatten() {
+                        Some(p) => Remote::Local(p),
+                        None => Remote::Address,
+                    };
+                    let reason = if ok {
+                        "egress_allowed"
+                    } else {
+                        "egress_denied"
+                    };
+                    self.log_flow(l, &key, Direction::Egress, Protocol::Tcp, ok, reason, peer);
+                    if !ok {
+                        lock(&self.flows).remove(&key);
+                        return Verdict::Drop("egress_denied");
+                    }
                 }
                 let tok = match self.local_token(l, pu, now_s) {
                     Ok(tok) => tok,
@@ -889,6 +1061,7 @@ impl Enforcer {
                     State::SynSent {
                         st,
                         payload: payload.clone(),
+                        since: mono_us(),
                     }
                 };
                 self.remember(&mut t, key, state, now_ms);
@@ -951,6 +1124,20 @@ impl Enforcer {
                 // No marker: a peer that does not enforce, judged by IP.
                 lock(&self.flows).remove(&key);
                 let ok = self.allowed_under(l, pu, Hook::In, tcp_query(&key, Hook::In), None);
+                let reason = if ok {
+                    "ingress_allowed_by_ip"
+                } else {
+                    "ingress_denied_by_ip"
+                };
+                self.log_flow(
+                    l,
+                    &key,
+                    Direction::Ingress,
+                    Protocol::Tcp,
+                    ok,
+                    reason,
+                    || Remote::Address,
+                );
                 return if ok {
                     self.counters.inc("ingress_allowed_by_ip");
                     Verdict::Authorize(None)
@@ -987,7 +1174,23 @@ impl Enforcer {
             Err(e) => return Verdict::Drop(e.counter()),
         };
         let peer = identity_of(&st.peer);
-        if !self.allowed_under(l, pu, Hook::In, tcp_query(&key, Hook::In), Some(&*peer)) {
+        let ok = self.allowed_under(l, pu, Hook::In, tcp_query(&key, Hook::In), Some(&*peer));
+        let reason = if ok {
+            "ingress_allowed"
+        } else {
+            "ingress_denied"
+        };
+        let remote = || Remote::Token(st.peer.clone());
+        self.log_flow(
+            l,
+            &key,
+            Direction::Ingress,
+            Protocol::Tcp,
+            ok,
+            reason,
+            remote,
+        );
+        if !ok {
             self.remember(
                 &mut lock(&self.flows),
                 key,
@@ -1027,6 +1230,7 @@ impl Enforcer {
             State::SynReceived {
                 syn: stripped.token,
                 st,
+                since: mono_us(),
             },
             now_ms,
         );
@@ -1049,7 +1253,7 @@ impl Enforcer {
                 synack.clone()
             }
             Some(State::SynReceived { .. }) => {
-                let Some(State::SynReceived { syn, st }) = t.remove(&key) else {
+                let Some(State::SynReceived { syn, st, since }) = t.remove(&key) else {
                     return Verdict::Drop("flow_state_lost");
                 };
                 drop(t);
@@ -1067,6 +1271,7 @@ impl Enforcer {
                         syn,
                         synack: payload.clone(),
                         st,
+                        since,
                     },
                     now_ms,
                 );
@@ -1119,6 +1324,20 @@ impl Enforcer {
             t.remove(&key);
             drop(t);
             let ok = self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), None);
+            let reason = if ok {
+                "egress_allowed_by_ip"
+            } else {
+                "egress_denied_by_ip"
+            };
+            self.log_flow(
+                l,
+                &key,
+                Direction::Egress,
+                Protocol::Tcp,
+                ok,
+                reason,
+                || Remote::Address,
+            );
             return if ok {
                 self.counters.inc("egress_allowed_by_ip");
                 Verdict::Authorize(None)
@@ -1138,15 +1357,36 @@ impl Enforcer {
                 self.counters.inc("synack_retransmitted");
                 Verdict::Revoke(stripped.packet)
             }
-            State::SynSent { st, .. } => {
-                let st = st.clone();
+            State::SynSent { st, since, .. } => {
+                let (st, since) = (st.clone(), *since);
                 drop(t);
-                let (peer, ack) = match self.engine.accept_syn_ack(&st, &stripped.token, now_s) {
+                let (signer, ack) = match self.engine.accept_syn_ack(&st, &stripped.token, now_s) {
                     Ok(x) => x,
                     Err(e) => return Verdict::Drop(e.counter()),
                 };
-                let peer = identity_of(&peer);
-                if !self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), Some(&*peer)) {
+                let peer = identity_of(&signer);
+                let ok =
+                    self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), Some(&*peer));
+                let reason = if ok {
+                    "egress_allowed"
+                } else {
+                    "egress_denied"
+                };
+                let remote = || Remote::Token(signer.clone());
+                self.log_flow(
+                    l,
+                    &key,
+                    Direction::Egress,
+                    Protocol::Tcp,
+                    ok,
+                    reason,
+                    remote,
+                );
+                if ok {
+                    self.handshake_initiator
+                        .observe_us(mono_us().saturating_sub(since));
+                }
+                if !ok {
                     lock(&self.flows).remove(&key);
                     return Verdict::Drop("egress_denied");
                 }
@@ -1205,7 +1445,7 @@ impl Enforcer {
     fn in_ack(&self, key: FlowKey, pkt: &[u8], now_ms: u64) -> Verdict {
         let mut t = lock(&self.flows);
         match t.get_mut(&key, now_ms) {
-            Some(State::AwaitAck { st, .. }) => {
+            Some(State::AwaitAck { st, since, .. }) => {
                 let stripped = match packet::strip(pkt) {
                     Ok(Some(s)) => s,
                     // Most likely the initiator's data, which overtook its
@@ -1216,6 +1456,8 @@ impl Enforcer {
                 if let Err(e) = self.engine.accept_ack(st, &stripped.token) {
                     return Verdict::Drop(e.counter());
                 }
+                self.handshake_responder
+                    .observe_us(mono_us().saturating_sub(*since));
                 self.remember(
                     &mut t,
                     key,
@@ -1277,7 +1519,7 @@ impl Enforcer {
             Hook::In => (m.dst, m.src),
             Hook::Out => (m.src, m.dst),
         };
-        if self.allowed_under(
+        let ok = self.allowed_under(
             l,
             pu,
             hook,
@@ -1288,7 +1530,43 @@ impl Enforcer {
                 protocol,
             },
             None,
-        ) {
+        );
+        if self.flow_log.get().is_some() {
+            let (src, dst) = (
+                std::net::SocketAddr::new(m.src, m.src_port),
+                std::net::SocketAddr::new(m.dst, m.dst_port),
+            );
+            let (key, direction, reason) = match hook {
+                Hook::In => (
+                    FlowKey {
+                        pu: pu as u32,
+                        local: dst,
+                        remote: src,
+                    },
+                    Direction::Ingress,
+                    if ok {
+                        "ingress_allowed_by_ip"
+                    } else {
+                        "ingress_denied_by_ip"
+                    },
+                ),
+                Hook::Out => (
+                    FlowKey {
+                        pu: pu as u32,
+                        local: src,
+                        remote: dst,
+                    },
+                    Direction::Egress,
+                    if ok {
+                        "egress_allowed_by_ip"
+                    } else {
+                        "egress_denied_by_ip"
+                    },
+                ),
+            };
+            self.log_flow(l, &key, direction, protocol, ok, reason, || Remote::Address);
+        }
+        if ok {
             self.counters.inc(match hook {
                 Hook::In => "ingress_allowed_by_ip",
                 Hook::Out => "egress_allowed_by_ip",

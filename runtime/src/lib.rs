@@ -5,10 +5,14 @@
 pub mod config;
 pub mod counters;
 pub mod datagram;
+pub mod endpoints;
 pub mod enforcer;
 pub mod firewall;
+pub mod flowlog;
 pub mod flows;
+pub mod health;
 pub mod lab;
+pub mod metrics;
 pub mod netns;
 pub mod nft;
 pub mod node;

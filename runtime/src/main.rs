@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use trireme_runtime::config::{Config, Fanout};
 use trireme_runtime::node::Node;
-use trireme_runtime::{enforcer::Enforcer, firewall, nft, node};
+use trireme_runtime::{endpoints, enforcer::Enforcer, firewall, flowlog, nft, node};
 
 #[derive(Parser)]
 #[command(name = "trireme-runtime", version, about)]
@@ -92,8 +92,25 @@ fn run(config: PathBuf) -> Result<(), String> {
     }
     sigs.thread_block().map_err(|e| e.to_string())?;
     let e = Arc::new(node::enforcer(&cfg, true)?);
+    // Both before any PU's rules go in: a port in use or a log that cannot
+    // be opened stops the start, rather than leave a node enforced but
+    // unobservable.
+    let endpoints = match cfg.metrics_address {
+        Some(a) => Some(endpoints::bind(a)?),
+        None => None,
+    };
+    if let Some(path) = &cfg.flow_log {
+        e.set_flow_log(flowlog::start(&flowlog::Sink::parse(path), &cfg.node)?)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let mut node = Node::start(&cfg, &e, &stop)?;
+    if let Some(ep) = endpoints {
+        let addr = ep.addr;
+        ep.serve(e.clone(), node.health(), cfg.node.clone())?;
+        log(format!(
+            "serving /metrics, /healthz and /readyz on http://{addr}"
+        ));
+    }
     log(format!(
         "node {}: enforcing {} PUs with ruleset sha256:{} ({} queue(s) each, {}, fail-{})",
         cfg.node,

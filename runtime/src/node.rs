@@ -174,6 +174,7 @@ pub struct Node {
     /// the tables that change (an update of an existing table costs
     /// ~18 ms of kernel commit here, most of a reload of many PUs).
     applied: Vec<Option<PuTables>>,
+    health: Arc<crate::health::Health>,
 }
 
 /// What a reload changed, for the log.
@@ -243,14 +244,25 @@ impl Node {
         let slots: Vec<_> = cfg.pus.iter().cloned().map(Some).collect();
         let mut applied = Vec::new();
         datagram_tables(&slots, enforcer, &enforcer.policy(), &mut applied)?;
-        Ok(Node {
+        let health = Arc::new(crate::health::Health::default());
+        health.set_workers(
+            plan.iter()
+                .zip(&workers)
+                .map(|(q, w)| (q.queue, w.alive.clone()))
+                .collect(),
+        );
+        let node = Node {
             enforcer: enforcer.clone(),
             cfg: cfg.clone(),
             slots,
             workers,
             opts,
             applied,
-        })
+            health,
+        };
+        node.publish_pus();
+        node.health.set_ready(true);
+        Ok(node)
     }
 
     /// Close the queues opened for (worker, slot) pairs.
@@ -258,6 +270,17 @@ impl Node {
         for &(w, i) in opened {
             let _ = self.workers[w].control.remove(i);
         }
+    }
+
+    /// What the probes and the metrics read.
+    pub fn health(&self) -> Arc<crate::health::Health> {
+        self.health.clone()
+    }
+
+    fn publish_pus(&self) {
+        let pus = self.slots.iter().flatten();
+        self.health
+            .set_pus(pus.map(|p| (p.name.clone(), p.netns_path())).collect());
     }
 
     /// The number of PUs served.
@@ -370,6 +393,8 @@ impl Node {
         }
         self.slots = slots;
         self.cfg = new;
+        self.publish_pus();
+        self.health.set_problems(report.errors.clone());
         Ok(report)
     }
 }

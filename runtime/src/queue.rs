@@ -131,6 +131,8 @@ impl Control {
 pub struct Handle {
     pub thread: std::thread::JoinHandle<()>,
     pub control: Control,
+    /// True while the thread runs (the liveness probe reads it).
+    pub alive: Arc<AtomicBool>,
 }
 
 /// Start a worker; returns once all its queues are bound (or one failed
@@ -148,9 +150,12 @@ pub fn spawn(w: Worker, enforcer: Arc<Enforcer>, stop: Arc<AtomicBool>) -> Resul
         wake: wake.clone(),
     };
     let name = format!("nfq-{}", w.queue);
+    let alive = Arc::new(AtomicBool::new(true));
+    let guard = crate::health::AliveGuard(alive.clone());
     let handle = std::thread::Builder::new()
         .name(name)
         .spawn(move || {
+            let _alive = guard;
             let pinned = pin(&w.cpus).map_err(|e| format!("queue {}: {e}", w.queue));
             let opened = pinned.and_then(|()| {
                 w.pus
@@ -189,6 +194,7 @@ pub fn spawn(w: Worker, enforcer: Arc<Enforcer>, stop: Arc<AtomicBool>) -> Resul
         Ok(Ok(())) => Ok(Handle {
             thread: handle,
             control,
+            alive,
         }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err("worker thread ended during setup".into()),
@@ -368,8 +374,7 @@ fn commands(
                     let _ = ep.delete(fd);
                     for _ in &s.held {
                         enforcer.unhold();
-                        enforcer.counters.inc("dropped");
-                        enforcer.counters.inc("pu_removed");
+                        enforcer.count_drop("pu_removed");
                     }
                     dropped += s.held.len();
                 }
@@ -411,8 +416,7 @@ fn sweep(s: &mut Source, enforcer: &Enforcer) {
             enforcer.counters.inc("released");
         } else {
             h.msg.set_verdict(NfVerdict::Drop);
-            enforcer.counters.inc("dropped");
-            enforcer.counters.inc("ack_without_token");
+            enforcer.drop_held(&h.key, "ack_without_token");
         }
         verdict(&mut s.q, h.msg, enforcer);
         enforcer.unhold();
@@ -569,8 +573,7 @@ fn drain(s: &mut Source, pu: usize, w: &Worker, enforcer: &Enforcer) -> usize {
                     });
                     continue;
                 }
-                enforcer.counters.inc("dropped");
-                enforcer.counters.inc("hold_full");
+                enforcer.drop_held(&key, "hold_full");
                 msg.set_verdict(NfVerdict::Drop);
             }
             Verdict::Drop(_) => msg.set_verdict(NfVerdict::Drop),

@@ -67,6 +67,11 @@ fn pu(name: &str, h: &Host, role: &str) -> String {
 /// Two nodes: A runs the frontend, B the backend and the database; ext
 /// and ext2 enforce nothing.
 fn beer(tag: &str, keys_a: &str, keys_b: &str) -> Beer {
+    beer_with(tag, keys_a, keys_b, "", "")
+}
+
+/// `beer`, with more configuration for node A and node B.
+fn beer_with(tag: &str, keys_a: &str, keys_b: &str, extra_a: &str, extra_b: &str) -> Beer {
     let mut lab = lab(tag);
     let fe = lab.host("fe", "198.18.1.10", "fd00::1:10");
     let be = lab.host("be", "198.18.1.20", "fd00::1:20");
@@ -76,12 +81,12 @@ fn beer(tag: &str, keys_a: &str, keys_b: &str) -> Beer {
     let web = lab.host("web", "198.18.1.50", "fd00::1:50");
     let rs = lab.compile("rs.bin", POLICIES);
     let a = format!(
-        "node: node-a\nruleset: {}\nkeys: {keys_a}\npus:\n{}",
+        "node: node-a\nruleset: {}\nkeys: {keys_a}\n{extra_a}pus:\n{}",
         rs.display(),
         pu("fe", &fe, "frontend")
     );
     let b = format!(
-        "node: node-b\nruleset: {}\nkeys: {keys_b}\npus:\n{}{}{}",
+        "node: node-b\nruleset: {}\nkeys: {keys_b}\n{extra_b}pus:\n{}{}{}",
         rs.display(),
         pu("be", &be, "backend"),
         pu("db", &db, "db"),
@@ -1340,4 +1345,209 @@ fn a_node_started_empty_gets_its_pus_by_reload() {
     assert!(line.contains("removed: api;"), "{line}");
     assert!(probe(&cli, at(&api, 80)), "not enforced any more");
     assert!(!has_our_rules(&api));
+}
+
+/// A plain HTTP/1.0 GET (the server closes after its answer): the status
+/// and the body.
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// Where a runtime serves its endpoints (`metricsAddress` with port 0:
+/// the log names the port the kernel chose).
+fn endpoints_of(lab: &Lab, i: usize) -> SocketAddr {
+    let log = lab.log(i);
+    let at = log
+        .split("on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no endpoints in the log: {log}"));
+    at.parse().unwrap()
+}
+
+/// The value of one sample line (`name{labels} value`) of a scrape.
+fn sample(metrics: &str, line_start: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start) && l[line_start.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The flow log's lines as JSON, once `want` of them satisfy `pred`
+/// (the writer flushes when it has nothing more to write).
+fn flow_lines(path: &std::path::Path, want: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        if lines.len() >= want || std::time::Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `metricsAddress` and `flowLog`: Prometheus metrics (drops by reason,
+/// handshake latencies, the kernel's queue figures), the probes, and one
+/// JSON line per decision with the peer's verified labels, on two nodes.
+#[test]
+fn metrics_probes_and_flow_logs() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trobs{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = psk(&dir, "psk.key", 9);
+    let (log_a, log_b) = (dir.join("a.jsonl"), dir.join("b.jsonl"));
+    let extra =
+        |p: &std::path::Path| format!("metricsAddress: 127.0.0.1:0\nflowLog: {}\n", p.display());
+    let t = beer_with("o", &k, &k, &extra(&log_a), &extra(&log_b));
+    serve(&t.be, t.be.ip4, 80);
+    serve(&t.be, t.be.ip4, 81);
+    assert!(probe(&t.fe, at(&t.be, 80)), "frontend -> backend:80");
+    assert!(!probe(&t.fe, at(&t.be, 81)), "backend allows only port 80");
+    assert!(!probe(&t.ext2, at(&t.be, 80)), "ipBlock except 198.18.1.31");
+
+    let (a, b) = (endpoints_of(&t.lab, 0), endpoints_of(&t.lab, 1));
+    for ep in [a, b] {
+        assert_eq!(http_get(ep, "/healthz"), (200, "ok\n".into()));
+        assert_eq!(http_get(ep, "/readyz"), (200, "ok\n".into()));
+        assert_eq!(http_get(ep, "/nothing").0, 404);
+    }
+    let (status, m) = http_get(b, "/metrics");
+    assert_eq!(status, 200, "{m}");
+    assert!(m.contains("trireme_info{version=\""), "{m}");
+    assert!(m.contains("node=\"node-b\""), "{m}");
+    assert_eq!(sample(&m, "trireme_pus"), Some(3.0), "{m}");
+    assert!(
+        sample(&m, "trireme_drops_total{reason=\"ingress_denied\"}") >= Some(1.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "trireme_drops_total{reason=\"ingress_denied_by_ip\"}") >= Some(1.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "trireme_events_total{event=\"ingress_allowed\"}") >= Some(1.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "trireme_handled_packets_total{packet=\"syn_in\"}") >= Some(3.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "trireme_handshake_seconds_count{side=\"responder\"}") >= Some(1.0),
+        "{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "trireme_handshake_seconds_bucket{side=\"responder\",le=\"+Inf\"}"
+        ) >= Some(1.0),
+        "{m}"
+    );
+    // The kernel's view of each PU's queues, read in its namespace.
+    for pu in ["be", "db", "web"] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!("trireme_queue_full_drops_total{{pu=\"{pu}\"}}")
+            ),
+            Some(0.0),
+            "{m}"
+        );
+        assert!(
+            sample(&m, &format!("trireme_queue_waiting_packets{{pu=\"{pu}\"}}")).is_some(),
+            "{m}"
+        );
+    }
+    assert_eq!(sample(&m, "trireme_queue_scrape_errors"), Some(0.0), "{m}");
+    // Every sample belongs to the family announced before it.
+    let mut family = String::new();
+    for l in m.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            family = rest.split(' ').next().unwrap().to_string();
+        } else if !l.starts_with('#') {
+            assert!(l.starts_with(&family), "{l} outside {family}");
+        }
+    }
+    let (_, ma) = http_get(a, "/metrics");
+    assert!(
+        sample(&ma, "trireme_handshake_seconds_count{side=\"initiator\"}") >= Some(1.0),
+        "{ma}"
+    );
+
+    // Node B: the allowed and the denied connections, with who tried.
+    let lines = flow_lines(&log_b, 3);
+    let find = |reason: &str, port: u16| {
+        lines
+            .iter()
+            .find(|l| {
+                l["reason"] == reason && l["local"].as_str().unwrap().ends_with(&format!(":{port}"))
+            })
+            .unwrap_or_else(|| panic!("no {reason} on port {port}: {lines:#?}"))
+            .clone()
+    };
+    let ok = find("ingress_allowed", 80);
+    assert_eq!(ok["verdict"], "allow");
+    assert_eq!(ok["node"], "node-b");
+    assert_eq!(ok["pu"], "be");
+    assert_eq!(ok["direction"], "ingress");
+    assert_eq!(ok["protocol"], "tcp");
+    assert!(
+        ok["remote"].as_str().unwrap().starts_with("198.18.1.10:"),
+        "{ok}"
+    );
+    assert_eq!(ok["peer"]["node"], "node-a");
+    assert_eq!(ok["peer"]["labels"]["role"], "frontend");
+    assert!(ok["time"].as_str().unwrap().ends_with('Z'), "{ok}");
+    let denied = find("ingress_denied", 81);
+    assert_eq!(denied["verdict"], "deny");
+    assert_eq!(denied["peer"]["labels"]["role"], "frontend");
+    let by_ip = find("ingress_denied_by_ip", 80);
+    assert!(
+        by_ip["remote"]
+            .as_str()
+            .unwrap()
+            .starts_with("198.18.1.31:"),
+        "{by_ip}"
+    );
+    assert!(by_ip["peer"].is_null(), "{by_ip}");
+    // A denied SYN's retransmissions are not logged again.
+    let denials = lines
+        .iter()
+        .filter(|l| l["reason"] == "ingress_denied")
+        .count();
+    assert_eq!(denials, 1, "{lines:#?}");
+
+    // Node A: its egress decision, on the backend's verified labels.
+    let lines = flow_lines(&log_a, 1);
+    let egress = lines
+        .iter()
+        .find(|l| l["reason"] == "egress_allowed")
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(egress["direction"], "egress");
+    assert_eq!(egress["pu"], "fe");
+    assert_eq!(egress["peer"]["node"], "node-b");
+    assert_eq!(egress["peer"]["labels"]["role"], "backend");
+    let _ = std::fs::remove_dir_all(&dir);
 }
