@@ -80,6 +80,10 @@ pub struct Config {
     /// `-` for standard output. Off when absent.
     #[serde(default)]
     pub flow_log: Option<PathBuf>,
+    /// Flow-log lines per second at most; the rest are counted
+    /// (`flow_log_suppressed`). 0: no limit.
+    #[serde(default = "default_flow_log_rate")]
+    pub flow_log_rate: u64,
     #[serde(default)]
     pub pus: Vec<PuConfig>,
     /// Workloads elsewhere that send no token (not enforced), known by IP:
@@ -235,6 +239,10 @@ pub fn online_cpus() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+fn default_flow_log_rate() -> u64 {
+    5000
+}
+
 fn default_spin() -> u64 {
     0
 }
@@ -332,6 +340,7 @@ impl Config {
             self.metrics_address == new.metrics_address,
         );
         check("flowLog", self.flow_log == new.flow_log);
+        check("flowLogRate", self.flow_log_rate == new.flow_log_rate);
         check("plugins", self.plugins == new.plugins);
         v
     }

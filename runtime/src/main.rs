@@ -100,7 +100,8 @@ fn run(config: PathBuf) -> Result<(), String> {
         None => None,
     };
     if let Some(path) = &cfg.flow_log {
-        e.set_flow_log(flowlog::start(&flowlog::Sink::parse(path), &cfg.node)?)?;
+        let sink = flowlog::Sink::parse(path);
+        e.set_flow_log(flowlog::start(&sink, &cfg.node, cfg.flow_log_rate)?)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let mut node = Node::start(&cfg, &e, &stop)?;
