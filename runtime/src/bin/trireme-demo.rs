@@ -109,10 +109,12 @@ fn example(dir: &Path, bin: &Path) -> Result<bool, String> {
         &base64::engine::general_purpose::STANDARD.encode(key),
     );
     let mut hosts: Vec<Host> = Vec::new();
+    let flows = lab.dir.join("flows.jsonl");
     let mut cfg = format!(
-        "node: demo-node\nruleset: {}\nkeys: {{psk: {}}}\npus:\n",
+        "node: demo-node\nruleset: {}\nkeys: {{psk: {}}}\nflowLog: {}\npus:\n",
         rs_path.display(),
-        psk.display()
+        psk.display(),
+        flows.display()
     );
     for (i, w) in cluster.workloads.iter().enumerate() {
         let ip = w
@@ -178,11 +180,83 @@ fn example(dir: &Path, bin: &Path) -> Result<bool, String> {
             println!("{e:w$}    {o}");
         }
     }
+    // The flow log's writer looks for lines every 50 ms.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let names: Vec<(std::net::IpAddr, String)> = hosts
+        .iter()
+        .zip(&cluster.workloads)
+        .map(|(h, w)| (h.ip4, w.display_name()))
+        .collect();
+    why_denied(&flows, &names);
     println!(
         "\nruntime counters: {}",
         std::fs::read_to_string(&lab.runtimes[0].stats).unwrap_or_default()
     );
     Ok(all_ok)
+}
+
+/// Each denial once, from the runtime's flow log: who tried, where, why,
+/// and the labels the decision was made on.
+fn why_denied(flows: &Path, names: &[(std::net::IpAddr, String)]) {
+    let name = |addr: &str| -> (String, String) {
+        let a: Option<SocketAddr> = addr.parse().ok();
+        let n = a
+            .and_then(|a| names.iter().find(|(ip, _)| *ip == a.ip()))
+            .map_or(addr.to_string(), |(_, n)| n.clone());
+        (n, a.map_or(String::new(), |a| a.port().to_string()))
+    };
+    let text = std::fs::read_to_string(flows).unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["verdict"] != "deny" {
+            continue;
+        }
+        let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+        let (local, local_port) = name(&s("local"));
+        let (remote, remote_port) = name(&s("remote"));
+        let ((src, _), (dst, port)) = if s("direction") == "ingress" {
+            ((remote, remote_port), (local.clone(), local_port))
+        } else {
+            ((local.clone(), local_port), (remote, remote_port))
+        };
+        let labels: Vec<String> = v["peer"]["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| !k.starts_with('@'))
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let on = if labels.is_empty() {
+            "by address".to_string()
+        } else {
+            let whose = if s("direction") == "ingress" {
+                "source"
+            } else {
+                "destination"
+            };
+            format!("on the {whose}'s labels {{{}}}", labels.join(", "))
+        };
+        seen.insert(format!(
+            "{src} -> {dst}:{port}  {} at {local}, {on}",
+            s("reason")
+        ));
+    }
+    if seen.is_empty() {
+        return;
+    }
+    println!("\nwhy (the runtime's flow log, each denial once):");
+    const SHOWN: usize = 12;
+    for l in seen.iter().take(SHOWN) {
+        println!("  {l}");
+    }
+    if seen.len() > SHOWN {
+        println!("  ... and {} more", seen.len() - SHOWN);
+    }
 }
 
 fn main() -> ExitCode {
