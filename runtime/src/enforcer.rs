@@ -434,13 +434,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The counter, and flow-log reason, of a policy decision.
+fn decision_reason(direction: Direction, allowed: bool, by_ip: bool) -> &'static str {
+    match (direction, allowed, by_ip) {
+        (Direction::Ingress, true, false) => "ingress_allowed",
+        (Direction::Ingress, false, false) => "ingress_denied",
+        (Direction::Ingress, true, true) => "ingress_allowed_by_ip",
+        (Direction::Ingress, false, true) => "ingress_denied_by_ip",
+        (Direction::Egress, true, false) => "egress_allowed",
+        (Direction::Egress, false, false) => "egress_denied",
+        (Direction::Egress, true, true) => "egress_allowed_by_ip",
+        (Direction::Egress, false, true) => "egress_denied_by_ip",
+    }
+}
+
 /// Drops that are policy decisions: logged where they are made, with
 /// the peer's identity, and not again for each retransmission.
 fn is_policy_denial(reason: &str) -> bool {
-    matches!(
-        reason,
-        "ingress_denied" | "egress_denied" | "ingress_denied_by_ip" | "egress_denied_by_ip"
-    )
+    [Direction::Ingress, Direction::Egress].iter().any(|&d| {
+        reason == decision_reason(d, false, false) || reason == decision_reason(d, false, true)
+    })
+}
+
+/// A datagram's flow key and direction, from the PU's side.
+fn datagram_key(pu: usize, hook: Hook, m: &packet::IpMeta) -> (FlowKey, Direction) {
+    let src = std::net::SocketAddr::new(m.src, m.src_port);
+    let dst = std::net::SocketAddr::new(m.dst, m.dst_port);
+    let (local, remote, direction) = match hook {
+        Hook::In => (dst, src, Direction::Ingress),
+        Hook::Out => (src, dst, Direction::Egress),
+    };
+    let key = FlowKey {
+        pu: pu as u32,
+        local,
+        remote,
+    };
+    (key, direction)
 }
 
 /// Microseconds on a monotonic clock, for handshake latencies (the
@@ -845,6 +874,29 @@ impl Enforcer {
         }
     }
 
+    /// Log a policy decision under the reason it is counted as.
+    #[allow(clippy::too_many_arguments)]
+    fn log_decision(
+        &self,
+        l: &Loaded,
+        key: &FlowKey,
+        direction: Direction,
+        protocol: Protocol,
+        allowed: bool,
+        by_ip: bool,
+        peer: impl FnOnce() -> Remote,
+    ) {
+        let reason = decision_reason(direction, allowed, by_ip);
+        self.log_flow(l, key, direction, protocol, allowed, reason, peer);
+    }
+
+    /// SIGHUP: reopen the flow log's file (log rotation).
+    pub fn reopen_flow_log(&self) {
+        if let Some(log) = self.flow_log.get() {
+            log.reopen();
+        }
+    }
+
     /// Log one decision, if flow logs are on (a branch, when they are not).
     #[allow(clippy::too_many_arguments)]
     fn log_flow(
@@ -892,17 +944,7 @@ impl Enforcer {
                     132 => Protocol::Sctp,
                     _ => return,
                 };
-                let src = std::net::SocketAddr::new(m.src, m.src_port);
-                let dst = std::net::SocketAddr::new(m.dst, m.dst_port);
-                let (local, remote, direction) = match hook {
-                    Hook::In => (dst, src, Direction::Ingress),
-                    Hook::Out => (src, dst, Direction::Egress),
-                };
-                let key = FlowKey {
-                    pu: pu as u32,
-                    local,
-                    remote,
-                };
+                let (key, direction) = datagram_key(pu, hook, &m);
                 (key, direction, protocol)
             }
         };
@@ -1035,12 +1077,7 @@ impl Enforcer {
                         Some(p) => Remote::Local(p),
                         None => Remote::Address,
                     };
-                    let reason = if ok {
-                        "egress_allowed"
-                    } else {
-                        "egress_denied"
-                    };
-                    self.log_flow(l, &key, Direction::Egress, Protocol::Tcp, ok, reason, peer);
+                    self.log_decision(l, &key, Direction::Egress, Protocol::Tcp, ok, false, peer);
                     if !ok {
                         lock(&self.flows).remove(&key);
                         return Verdict::Drop("egress_denied");
@@ -1124,20 +1161,9 @@ impl Enforcer {
                 // No marker: a peer that does not enforce, judged by IP.
                 lock(&self.flows).remove(&key);
                 let ok = self.allowed_under(l, pu, Hook::In, tcp_query(&key, Hook::In), None);
-                let reason = if ok {
-                    "ingress_allowed_by_ip"
-                } else {
-                    "ingress_denied_by_ip"
-                };
-                self.log_flow(
-                    l,
-                    &key,
-                    Direction::Ingress,
-                    Protocol::Tcp,
-                    ok,
-                    reason,
-                    || Remote::Address,
-                );
+                self.log_decision(l, &key, Direction::Ingress, Protocol::Tcp, ok, true, || {
+                    Remote::Address
+                });
                 return if ok {
                     self.counters.inc("ingress_allowed_by_ip");
                     Verdict::Authorize(None)
@@ -1175,20 +1201,14 @@ impl Enforcer {
         };
         let peer = identity_of(&st.peer);
         let ok = self.allowed_under(l, pu, Hook::In, tcp_query(&key, Hook::In), Some(&*peer));
-        let reason = if ok {
-            "ingress_allowed"
-        } else {
-            "ingress_denied"
-        };
-        let remote = || Remote::Token(st.peer.clone());
-        self.log_flow(
+        self.log_decision(
             l,
             &key,
             Direction::Ingress,
             Protocol::Tcp,
             ok,
-            reason,
-            remote,
+            false,
+            || Remote::Token(st.peer.clone()),
         );
         if !ok {
             self.remember(
@@ -1324,20 +1344,9 @@ impl Enforcer {
             t.remove(&key);
             drop(t);
             let ok = self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), None);
-            let reason = if ok {
-                "egress_allowed_by_ip"
-            } else {
-                "egress_denied_by_ip"
-            };
-            self.log_flow(
-                l,
-                &key,
-                Direction::Egress,
-                Protocol::Tcp,
-                ok,
-                reason,
-                || Remote::Address,
-            );
+            self.log_decision(l, &key, Direction::Egress, Protocol::Tcp, ok, true, || {
+                Remote::Address
+            });
             return if ok {
                 self.counters.inc("egress_allowed_by_ip");
                 Verdict::Authorize(None)
@@ -1367,21 +1376,9 @@ impl Enforcer {
                 let peer = identity_of(&signer);
                 let ok =
                     self.allowed_under(l, pu, Hook::Out, tcp_query(&key, Hook::Out), Some(&*peer));
-                let reason = if ok {
-                    "egress_allowed"
-                } else {
-                    "egress_denied"
-                };
-                let remote = || Remote::Token(signer.clone());
-                self.log_flow(
-                    l,
-                    &key,
-                    Direction::Egress,
-                    Protocol::Tcp,
-                    ok,
-                    reason,
-                    remote,
-                );
+                self.log_decision(l, &key, Direction::Egress, Protocol::Tcp, ok, false, || {
+                    Remote::Token(signer.clone())
+                });
                 if ok {
                     self.handshake_initiator
                         .observe_us(mono_us().saturating_sub(since));
@@ -1531,41 +1528,8 @@ impl Enforcer {
             },
             None,
         );
-        if self.flow_log.get().is_some() {
-            let (src, dst) = (
-                std::net::SocketAddr::new(m.src, m.src_port),
-                std::net::SocketAddr::new(m.dst, m.dst_port),
-            );
-            let (key, direction, reason) = match hook {
-                Hook::In => (
-                    FlowKey {
-                        pu: pu as u32,
-                        local: dst,
-                        remote: src,
-                    },
-                    Direction::Ingress,
-                    if ok {
-                        "ingress_allowed_by_ip"
-                    } else {
-                        "ingress_denied_by_ip"
-                    },
-                ),
-                Hook::Out => (
-                    FlowKey {
-                        pu: pu as u32,
-                        local: src,
-                        remote: dst,
-                    },
-                    Direction::Egress,
-                    if ok {
-                        "egress_allowed_by_ip"
-                    } else {
-                        "egress_denied_by_ip"
-                    },
-                ),
-            };
-            self.log_flow(l, &key, direction, protocol, ok, reason, || Remote::Address);
-        }
+        let (key, direction) = datagram_key(pu, hook, &m);
+        self.log_decision(l, &key, direction, protocol, ok, true, || Remote::Address);
         if ok {
             self.counters.inc(match hook {
                 Hook::In => "ingress_allowed_by_ip",

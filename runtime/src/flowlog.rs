@@ -17,7 +17,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::Duration;
 use trireme_tokens::handshake::Peer;
@@ -78,16 +78,25 @@ pub struct FlowLog {
     /// The current one-second window (wall seconds) and the lines sent in it.
     window: AtomicU64,
     sent: AtomicU64,
+    /// Set by `reopen`, cleared by the writer when it has reopened the file.
+    reopen: Arc<AtomicBool>,
 }
 
 impl FlowLog {
-    fn new(tx: SyncSender<FlowEvent>, rate: u64) -> FlowLog {
+    fn new(tx: SyncSender<FlowEvent>, rate: u64, reopen: Arc<AtomicBool>) -> FlowLog {
         FlowLog {
             tx,
             rate,
             window: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            reopen,
         }
+    }
+
+    /// Open the file again at its path before the next lines (SIGHUP, after
+    /// a log rotation renamed it).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Relaxed);
     }
 
     /// Never blocks: a full channel drops the event and counts it.
@@ -156,20 +165,37 @@ pub fn start(sink: &Sink, node: &str, rate: u64) -> Result<FlowLog, String> {
     let (tx, rx) = sync_channel(CAPACITY);
     let node = node.to_string();
     let sink = sink.clone();
+    let reopen = Arc::new(AtomicBool::new(false));
+    let flag = reopen.clone();
     std::thread::Builder::new()
         .name("flow-log".into())
-        .spawn(move || write_loop(rx, out, &sink, &node))
+        .spawn(move || write_loop(rx, out, &sink, &node, &flag))
         .map_err(|e| e.to_string())?;
-    Ok(FlowLog::new(tx, rate))
+    Ok(FlowLog::new(tx, rate, reopen))
 }
 
 /// How often the writer looks for lines.
 const POLL: Duration = Duration::from_millis(50);
 
-fn write_loop(rx: Receiver<FlowEvent>, out: Box<dyn Write + Send>, sink: &Sink, node: &str) {
+fn write_loop(
+    rx: Receiver<FlowEvent>,
+    out: Box<dyn Write + Send>,
+    sink: &Sink,
+    node: &str,
+    reopen: &AtomicBool,
+) {
     let mut w = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut failed = false;
     loop {
+        if reopen.swap(false, Relaxed) {
+            let _ = w.flush();
+            match sink.open() {
+                Ok(out) => w = std::io::BufWriter::with_capacity(64 * 1024, out),
+                // Keep writing to the file already open: lines in a
+                // rotated file beat lines lost.
+                Err(e) => eprintln!("trireme-runtime: {e}; still writing to the file open before"),
+            }
+        }
         // Drain, flush, sleep. The writer never waits *in* the channel: a
         // waiting receiver makes every send a wake-up (a futex call, and
         // this thread scheduled against the queue threads), which cost 16
@@ -328,7 +354,7 @@ mod tests {
     #[test]
     fn a_full_channel_drops_and_counts_instead_of_blocking() {
         let (tx, rx) = sync_channel(1);
-        let log = FlowLog::new(tx, 0);
+        let log = FlowLog::new(tx, 0, Default::default());
         let c = Counters::default();
         log.send(event(Remote::Address, false, "a"), &c);
         log.send(event(Remote::Address, false, "b"), &c);
@@ -357,6 +383,19 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         };
         assert!(text.starts_with("earlier\n{\"time\""), "{text}");
+        // A rotation: the file is renamed, SIGHUP asks for a reopen, and
+        // the next lines go to a new file at the path.
+        std::fs::rename(&path, dir.join("f.jsonl.1")).unwrap();
+        log.reopen();
+        log.send(event(Remote::Address, true, "ingress_allowed_by_ip"), &c);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !path.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        let old = std::fs::read_to_string(dir.join("f.jsonl.1")).unwrap();
+        assert_eq!(old.lines().count(), 2);
         assert!(start(&Sink::parse(&dir.join("no/such/dir/f")), "n", 0).is_err());
         assert_eq!(Sink::parse(Path::new("-")), Sink::Stdout);
         let _ = std::fs::remove_dir_all(&dir);
@@ -370,7 +409,7 @@ mod rate {
     #[test]
     fn lines_beyond_the_rate_in_a_second_are_suppressed_and_counted() {
         let (tx, rx) = sync_channel(100);
-        let log = FlowLog::new(tx, 3);
+        let log = FlowLog::new(tx, 3, Default::default());
         let c = Counters::default();
         let at = |ms: u64| FlowEvent {
             at_ms: ms,

@@ -140,6 +140,9 @@ fn run(config: PathBuf) -> Result<(), String> {
     loop {
         match sigs.wait().map_err(|e| e.to_string())? {
             Signal::SIGHUP => {
+                // Whatever becomes of the reload: after a rotation the
+                // log must go to the file at its path again.
+                e.reopen_flow_log();
                 let r = Config::load(&config)
                     .map_err(|e| e.to_string())
                     .and_then(|new| node.reload(new));
