@@ -1549,5 +1549,23 @@ fn metrics_probes_and_flow_logs() {
     assert_eq!(egress["pu"], "fe");
     assert_eq!(egress["peer"]["node"], "node-b");
     assert_eq!(egress["peer"]["labels"]["role"], "backend");
+
+    // Log rotation: the file is renamed, SIGHUP, and the next decision
+    // goes to a new file at the configured path.
+    std::fs::rename(&log_b, dir.join("b.jsonl.1")).unwrap();
+    t.lab.signal(1, Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !t.lab.log(1).contains("reloaded") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        probe(&t.fe, at(&t.be, 80)),
+        "frontend -> backend:80 after the reload"
+    );
+    let lines = flow_lines(&log_b, 1);
+    assert!(
+        lines.iter().any(|l| l["reason"] == "ingress_allowed"),
+        "{lines:#?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
