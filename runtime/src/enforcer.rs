@@ -456,6 +456,15 @@ fn is_policy_denial(reason: &str) -> bool {
     })
 }
 
+/// The datagram protocols policies govern, by IP protocol number.
+fn datagram_protocol(number: u8) -> Option<Protocol> {
+    match number {
+        17 => Some(Protocol::Udp),
+        132 => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
 /// A datagram's flow key and direction, from the PU's side.
 fn datagram_key(pu: usize, hook: Hook, m: &packet::IpMeta) -> (FlowKey, Direction) {
     let src = std::net::SocketAddr::new(m.src, m.src_port);
@@ -914,7 +923,7 @@ impl Enforcer {
             return;
         };
         let ev = FlowEvent {
-            at_ms: crate::flowlog::wall_ms(),
+            at_ms: crate::flows::now_ms(),
             pu: l.inventory().pus.get(key.pu as usize).cloned().flatten(),
             direction,
             protocol: protocol_name(protocol),
@@ -939,10 +948,8 @@ impl Enforcer {
             ),
             Err(_) => {
                 let Ok(m) = packet::ip_meta(pkt) else { return };
-                let protocol = match m.protocol {
-                    17 => Protocol::Udp,
-                    132 => Protocol::Sctp,
-                    _ => return,
+                let Some(protocol) = datagram_protocol(m.protocol) else {
+                    return;
                 };
                 let (key, direction) = datagram_key(pu, hook, &m);
                 (key, direction, protocol)
@@ -1507,10 +1514,8 @@ impl Enforcer {
             Ok(m) => m,
             Err(e) => return Verdict::Drop(e.counter()),
         };
-        let protocol = match m.protocol {
-            17 => Protocol::Udp,
-            132 => Protocol::Sctp,
-            _ => return Verdict::Drop("protocol_not_governed"),
+        let Some(protocol) = datagram_protocol(m.protocol) else {
+            return Verdict::Drop("protocol_not_governed");
         };
         let (local, remote) = match hook {
             Hook::In => (m.dst, m.src),

@@ -62,14 +62,6 @@ pub struct FlowEvent {
     pub peer: Remote,
 }
 
-/// Milliseconds since the epoch, for the lines' timestamps.
-pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The sending half, owned by the enforcer.
 pub struct FlowLog {
     tx: SyncSender<FlowEvent>,

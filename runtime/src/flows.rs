@@ -9,6 +9,15 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
+/// Milliseconds since the epoch: the clock of the table's deadlines (the
+/// queues pass it to every decision) and of the flow log's lines.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A flow as seen from one PU: its own address first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {

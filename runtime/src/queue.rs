@@ -11,7 +11,7 @@
 
 use crate::enforcer::{Enforcer, Hook, Verdict};
 use crate::firewall::{AUTH_MARK, PROVISIONAL_MARK, REVOKE_MARK};
-use crate::flows::FlowKey;
+use crate::flows::{FlowKey, now_ms};
 use nfq::{Queue, Verdict as NfVerdict};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -64,13 +64,6 @@ pub struct Worker {
     pub spin_us: u64,
     /// CPUs this worker may run on (empty: any).
     pub cpus: Vec<usize>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A change to a worker's PUs.
