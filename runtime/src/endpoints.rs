@@ -58,16 +58,16 @@ fn answer(req: Request, e: &Enforcer, health: &Health, node: &str) {
     let path = req.url().split('?').next().unwrap_or("");
     let resp = match (req.method(), path) {
         (Method::Get | Method::Head, "/metrics") => {
-            let queues: Vec<_> = health
+            let kernel: Vec<_> = health
                 .pus()
                 .into_iter()
                 .map(|(name, netns)| {
-                    let s = metrics::queue_stats(&netns);
+                    let s = metrics::kernel_stats(&netns);
                     (name, s)
                 })
                 .collect();
             text(
-                metrics::render(e, node, &queues),
+                metrics::render(e, node, &kernel),
                 200,
                 "text/plain; version=0.0.4; charset=utf-8",
             )

@@ -24,8 +24,8 @@
 //! known workload at that IP). So is a SYN-ACK without the marker, and the
 //! first packet of a UDP or SCTP flow, on the same evaluator.
 
+use crate::by_address::{Boundaries, Cell, INBOUND, OUTBOUND, PuTables};
 use crate::counters::Counters;
-use crate::datagram::{Boundaries, Cell, PuTables};
 use crate::flowlog::{Direction, FlowEvent, FlowLog, Remote};
 use crate::flows::{FlowKey, FlowTable};
 use crate::metrics::Histogram;
@@ -740,23 +740,27 @@ impl Enforcer {
         }
     }
 
-    /// The kernel's UDP and SCTP verdicts for PU `pu` under `l`, both
-    /// directions and families (datagram.rs says why this is exact).
+    /// The kernel's verdicts on peers known by address for PU `pu` under
+    /// `l` (UDP and SCTP both ways, tokenless TCP SYNs in), both families
+    /// (by_address.rs says why this is exact).
     /// The notes say where a PU's datagrams still go to userspace.
-    pub fn datagram_tables(&self, l: &Loaded, pu: usize) -> (PuTables, Vec<String>) {
+    pub fn address_tables(&self, l: &Loaded, pu: usize) -> (PuTables, Vec<String>) {
         let mut notes = Vec::new();
         let Some(me) = l.slot(pu) else {
-            let deny = |v6| Boundaries::new(v6).uniform(Cell::Deny);
             let t = PuTables {
-                in4: deny(false),
-                in6: deny(true),
-                out4: deny(false),
-                out6: deny(true),
+                in4: Boundaries::new(false, INBOUND).uniform(Cell::Deny),
+                in6: Boundaries::new(true, INBOUND).uniform(Cell::Deny),
+                out4: Boundaries::new(false, OUTBOUND).uniform(Cell::Deny),
+                out6: Boundaries::new(true, OUTBOUND).uniform(Cell::Deny),
             };
             return (t, vec![format!("slot {pu}: no PU")]);
         };
         let mut table = |hook: Hook, v6: bool| {
-            let mut b = Boundaries::new(v6);
+            let protocols = match hook {
+                Hook::In => INBOUND,
+                Hook::Out => OUTBOUND,
+            };
+            let mut b = Boundaries::new(v6, protocols);
             let mut ask = false;
             for &i in me.applicable.policies() {
                 let p = &l.rs.policies[i as usize];

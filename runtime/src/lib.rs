@@ -2,9 +2,9 @@
 //! (keys, PUs, ruleset) → enforcer (handshake state machine, pure) →
 //! queue workers and firewall rules (the kernel side).
 
+pub mod by_address;
 pub mod config;
 pub mod counters;
-pub mod datagram;
 pub mod endpoints;
 pub mod enforcer;
 pub mod firewall;

@@ -1,6 +1,7 @@
 //! Prometheus metrics: the enforcer's counters, its handshake latencies
-//! and the kernel's own view of each PU's queues, in the text exposition
-//! format (version 0.0.4), rendered when scraped.
+//! and the kernel's own view of each PU (its queues, and the flows our
+//! nftables table decided by address), in the text exposition format
+//! (version 0.0.4), rendered when scraped.
 //!
 //! The counters stay the lock-free table the queue threads already bump;
 //! this module only reads it, so a scrape costs the datapath nothing. The
@@ -99,16 +100,31 @@ pub fn parse_queue_stats(text: &str) -> QueueStats {
     s
 }
 
-/// The queues of the PU in `netns`, read from inside it (`/proc/net` is
-/// per namespace, and `thread-self` is the thread that entered it).
-pub fn queue_stats(netns: &Path) -> Result<QueueStats, String> {
+/// What the kernel says of one PU's namespace.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KernelStats {
+    pub queues: QueueStats,
+    /// Flows our nftables table decided by address: only these counters
+    /// see them (no userspace counter does).
+    pub by_address: crate::nft::Counted,
+}
+
+/// The figures of the PU in `netns`, read from inside it (`/proc/net` is
+/// per namespace, and `thread-self` is the thread that entered it; the
+/// netlink socket is opened there too).
+pub fn kernel_stats(netns: &Path) -> Result<KernelStats, String> {
     crate::netns::run_in(netns, || {
-        match std::fs::read_to_string("/proc/thread-self/net/netfilter/nfnetlink_queue") {
-            Ok(t) => Ok(parse_queue_stats(&t)),
-            // No queue bound in this namespace (yet): nothing waits.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(QueueStats::default()),
-            Err(e) => Err(format!("nfnetlink_queue: {e}")),
-        }
+        let queues =
+            match std::fs::read_to_string("/proc/thread-self/net/netfilter/nfnetlink_queue") {
+                Ok(t) => parse_queue_stats(&t),
+                // No queue bound in this namespace (yet): nothing waits.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => QueueStats::default(),
+                Err(e) => return Err(format!("nfnetlink_queue: {e}")),
+            };
+        Ok(KernelStats {
+            queues,
+            by_address: crate::nft::counters()?,
+        })
     })
 }
 
@@ -136,9 +152,13 @@ fn reported_elsewhere(name: &str) -> bool {
     name == "dropped" || name.starts_with("handled_")
 }
 
-/// Everything a scrape reports. `queues` holds each PU's kernel queue
-/// figures (or why they could not be read).
-pub fn render(e: &Enforcer, node: &str, queues: &[(String, Result<QueueStats, String>)]) -> String {
+/// Everything a scrape reports. `kernel` holds each PU's kernel figures
+/// (or why they could not be read).
+pub fn render(
+    e: &Enforcer,
+    node: &str,
+    kernel: &[(String, Result<KernelStats, String>)],
+) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let policy = e.policy();
     family(
@@ -270,21 +290,46 @@ pub fn render(e: &Enforcer, node: &str, queues: &[(String, Result<QueueStats, St
     ];
     for (i, (name, kind, help)) in per_pu.iter().enumerate() {
         family(&mut out, name, kind, help);
-        for (pu, s) in queues {
-            if let Ok(s) = s {
+        for (pu, s) in kernel {
+            if let Ok(KernelStats { queues: s, .. }) = s {
                 let v = [s.waiting, s.queue_dropped, s.user_dropped][i];
                 let _ = writeln!(out, "{name}{{pu=\"{}\"}} {v}", esc(pu));
             }
         }
     }
+    let name = "trireme_kernel_flows_total";
     family(
         &mut out,
-        "trireme_queue_scrape_errors",
-        "gauge",
-        "PUs whose queue figures could not be read in this scrape.",
+        name,
+        "counter",
+        "First packets of flows our nftables table decided by the peer's address (datagrams, \
+         and inbound TCP SYNs without a token): allowed there, or denied and dropped there \
+         beyond the rate of denials passed on to userspace (those are in trireme_drops_total).",
     );
-    let errors = queues.iter().filter(|(_, s)| s.is_err()).count();
-    let _ = writeln!(out, "trireme_queue_scrape_errors {errors}");
+    for (pu, s) in kernel {
+        if let Ok(KernelStats { by_address: c, .. }) = s {
+            for (direction, verdict, v) in [
+                ("ingress", "allowed", c.in_allowed),
+                ("ingress", "dropped", c.in_dropped),
+                ("egress", "allowed", c.out_allowed),
+                ("egress", "dropped", c.out_dropped),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{pu=\"{}\",direction=\"{direction}\",verdict=\"{verdict}\"}} {v}",
+                    esc(pu)
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "trireme_kernel_scrape_errors",
+        "gauge",
+        "PUs whose kernel figures could not be read in this scrape.",
+    );
+    let errors = kernel.iter().filter(|(_, s)| s.is_err()).count();
+    let _ = writeln!(out, "trireme_kernel_scrape_errors {errors}");
 
     let plugins = policy.plugin_stats();
     if !plugins.is_empty() {

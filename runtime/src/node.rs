@@ -4,8 +4,8 @@
 //! again and carries out the difference: PUs added, removed or relabelled,
 //! a new ruleset, new remotes and nodes.
 
+use crate::by_address::PuTables;
 use crate::config::{Config, Fanout, PuConfig};
-use crate::datagram::PuTables;
 use crate::enforcer::{Enforcer, Inventory, Loaded, Pu};
 use crate::firewall;
 use crate::nft;
@@ -243,7 +243,7 @@ impl Node {
         }
         let slots: Vec<_> = cfg.pus.iter().cloned().map(Some).collect();
         let mut applied = Vec::new();
-        datagram_tables(&slots, enforcer, &enforcer.policy(), &mut applied)?;
+        address_tables(&slots, enforcer, &enforcer.policy(), &mut applied)?;
         let health = Arc::new(crate::health::Health::default());
         health.set_workers(
             plan.iter()
@@ -369,7 +369,7 @@ impl Node {
                 *a = None;
             }
         }
-        if let Err(err) = datagram_tables(&slots, &e, &l, &mut self.applied) {
+        if let Err(err) = address_tables(&slots, &e, &l, &mut self.applied) {
             report
                 .errors
                 .push(format!("datagram tables not replaced: {err}"));
@@ -467,7 +467,7 @@ fn diff(current: &[Option<PuConfig>], new: &[PuConfig]) -> Diff {
 /// Program every PU's UDP/SCTP table from `l` (each PU's table is
 /// updated in one transaction, and only if it changed since `applied`;
 /// an error names the PUs that kept their previous table).
-fn datagram_tables(
+fn address_tables(
     slots: &[Option<PuConfig>],
     e: &Enforcer,
     l: &Loaded,
@@ -477,12 +477,12 @@ fn datagram_tables(
     applied.resize(slots.len(), None);
     for (i, pu) in slots.iter().enumerate() {
         let Some(pu) = pu else { continue };
-        let (t, notes) = e.datagram_tables(l, i);
+        let (t, notes) = e.address_tables(l, i);
         for n in notes {
             eprintln!("trireme-runtime: pu {}: {n}", pu.name);
         }
         if applied[i].as_ref() == Some(&t) {
-            e.counters.inc("datagram_tables_unchanged");
+            e.counters.inc("address_tables_unchanged");
             continue;
         }
         let elements = [&t.in4, &t.in6, &t.out4, &t.out6]
@@ -491,12 +491,12 @@ fn datagram_tables(
             .sum::<usize>();
         match nft::apply(&pu.netns_path(), &t) {
             Ok(mode) => {
-                e.counters.inc("datagram_tables_applied");
+                e.counters.inc("address_tables_applied");
                 applied[i] = Some(t.clone());
                 if mode == nft::Mode::Replace {
                     // Its hooks were re-registered: the PU's queued
                     // handshake packets were dropped (nft::Mode).
-                    e.counters.inc("datagram_tables_rebuilt");
+                    e.counters.inc("address_tables_rebuilt");
                 }
                 e.counters.add("datagram_set_elements", elements as u64);
             }

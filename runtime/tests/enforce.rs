@@ -6,6 +6,7 @@ use common::*;
 use nix::sys::signal::Signal;
 use std::net::SocketAddr;
 use std::time::Duration;
+use trireme_runtime::nft;
 
 const POLICIES: &str = r#"
 apiVersion: networking.k8s.io/v1
@@ -674,14 +675,113 @@ fn busy_polling_workers_serve_connections() {
     let (mut lab, web, i) = one_pu_node("y", "198.18.1.62", "spinMicros: 300\n");
     let cli = lab.host("cli", "198.18.1.63", "fd00::1:63");
     serve(&web, web.ip4, 80);
+    serve(&cli, cli.ip4, 80);
     for _ in 0..10 {
+        // Out: the SYN takes a token, the tokenless SYN-ACK is judged by
+        // the worker. In: the kernel decides cli's tokenless SYNs.
+        assert!(probe(&web, at(&cli, 80)), "web has no egress policy");
         assert!(probe(&cli, at(&web, 80)), "web has no ingress policy");
     }
     assert!(
-        lab.counter(i, "ingress_allowed_by_ip") >= 10,
+        lab.counter(i, "egress_allowed_by_ip") >= 10,
         "{}",
         lab.stats(i)
     );
+    assert!(nft_counter(&web, "in_allowed") >= 10);
+}
+
+/// A named counter of our nftables table in `h`'s namespace (packets).
+fn nft_counter(h: &Host, name: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &h.ns, "nft", "list", "counter", "inet", "trireme", name,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name} in {}: {text}", h.ns))
+}
+
+/// A peer that sends no token is judged by its address in the kernel:
+/// allowed SYNs never reach the queue, denied ones reach it (to be
+/// counted and logged) at most at the kernel's rate, and a flood of them
+/// is dropped in the kernel while the PU's handshakes go on.
+#[test]
+fn tokenless_syns_are_decided_in_the_kernel() {
+    if skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("trtl{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = psk(&dir, "psk.key", 9);
+    let t = beer("t", &k, &k);
+    serve(&t.be, t.be.ip4, 80);
+    serve(&t.be, t.be.ip6, 80);
+    let l = &t.lab;
+    let syns_in = || l.counter(1, "handled_syn_in");
+
+    // Allowed by the ipBlock: the kernel marks the flow, and no packet of
+    // the connection reaches userspace.
+    let before = syns_in();
+    for _ in 0..5 {
+        assert!(probe(&t.ext, at(&t.be, 80)), "ipBlock admits 198.18.1.30");
+    }
+    assert_eq!(syns_in(), before, "{}", l.stats(1));
+    assert_eq!(l.counter(1, "ingress_allowed_by_ip"), 0);
+    assert!(nft_counter(&t.be, "in_allowed") >= 5);
+    // Denied (the except; and v6, which the ipBlock does not cover): on
+    // to the queue, which gives the same verdict and counts it.
+    assert!(!probe(&t.ext2, at(&t.be, 80)), "ipBlock except 198.18.1.31");
+    assert!(!probe(&t.ext, at6(&t.be, 80)), "v6 external -> backend");
+    assert!(l.counter(1, "ingress_denied_by_ip") >= 2, "{}", l.stats(1));
+    // A token still goes to the handshake.
+    let denied = syns_in();
+    assert!(probe(&t.fe, at(&t.be, 80)), "frontend -> backend:80");
+    assert!(syns_in() > denied);
+
+    // A flood of spoofed-looking SYNs from a denied address.
+    let (queued, dropped) = (syns_in(), nft_counter(&t.be, "in_dropped"));
+    let n = 3000;
+    let start = std::time::Instant::now();
+    let flood = format!(
+        "from scapy.all import IP, TCP, send\n\
+         send(IP(src='{}', dst='{}')/TCP(sport=(20000, {}), dport=80, flags='S'), verbose=0)",
+        t.ext2.ip4,
+        t.be.ip4,
+        20000 + n - 1
+    );
+    let ok = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.ext2.ns,
+            "/usr/bin/python3",
+            "-c",
+            &flood,
+        ])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "scapy flood");
+    let secs = start.elapsed().as_secs() + 1;
+    let reached = syns_in() - queued;
+    let bound = nft::QUEUED_DENIALS_PER_SECOND as u64 * (1 + secs);
+    let kernel = nft_counter(&t.be, "in_dropped") - dropped;
+    eprintln!(
+        "flood of {n}: {reached} reached the queue, {kernel} dropped in the kernel, {secs} s"
+    );
+    assert!(
+        reached <= bound,
+        "{reached} SYNs reached the queue in {secs} s"
+    );
+    assert!(kernel >= n - bound, "the kernel dropped the rest");
+    // The PU's handshakes go on.
+    assert!(probe(&t.fe, at(&t.be, 80)), "frontend -> backend after it");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One iptables rule added (`-A`) or deleted (`-D`) in `table`/`chain` of
@@ -1237,15 +1337,15 @@ fn reloads_do_not_disturb_the_other_pus() {
         lab.stats(i)
     );
     assert_eq!(
-        lab.counter(i, "datagram_tables_rebuilt"),
+        lab.counter(i, "address_tables_rebuilt"),
         0,
         "every table was updated in place"
     );
     // Per round: extra's new table, and api's updated twice (in place);
     // cli's table never changes, nor does a table whose content is the
     // same, so neither is written again.
-    assert!(lab.counter(i, "datagram_tables_applied") >= 2 + 30);
-    assert!(lab.counter(i, "datagram_tables_unchanged") >= 20);
+    assert!(lab.counter(i, "address_tables_applied") >= 2 + 30);
+    assert!(lab.counter(i, "address_tables_unchanged") >= 20);
     // A packet the kernel flushed from a queue makes our verdict on it
     // fail (ENOENT, read back as a receive error).
     assert_eq!(lab.counter(i, "queue_recv_errors"), 0, "{}", lab.stats(i));
@@ -1266,15 +1366,36 @@ fn a_packet_flushed_from_a_queue_costs_one_retransmission() {
     }
     let (mut lab, web, i) = one_pu_node("f", "198.18.1.94", "");
     let cli = lab.host("cli", "198.18.1.95", "fd00::1:95");
-    serve(&web, web.ip4, 80);
-    assert!(probe(&cli, at(&web, 80)), "web has no ingress policy");
-    // The runtime stopped, a SYN waits in web's queue.
+    // web connects out: its SYN takes a token, so it goes to the queue
+    // (a tokenless SYN from cli would be decided in the kernel).
+    serve(&cli, cli.ip4, 80);
+    assert!(probe(&web, at(&cli, 80)), "web has no egress policy");
+    // The runtime stopped, a SYN waits in web's queue. (Stopped means
+    // every thread is: a queue thread running on the other CPU when the
+    // signal is sent could still answer the SYN.)
     lab.signal(i, Signal::SIGSTOP);
+    let pid = lab.runtimes[i].pid();
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|t| {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                stat.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('T')
+            })
+    };
+    while !stopped() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let client = {
-        let (cli, to) = (cli.clone(), at(&web, 80));
+        let (web, to) = (web.clone(), at(&cli, 80));
         std::thread::spawn(move || {
             let t = std::time::Instant::now();
-            let ok = fetch(&cli, to, 64, Duration::from_secs(5)).is_some();
+            let ok = fetch(&web, to, 64, Duration::from_secs(5)).is_some();
             (ok, t.elapsed())
         })
     };
@@ -1426,6 +1547,7 @@ fn metrics_probes_and_flow_logs() {
     assert!(probe(&t.fe, at(&t.be, 80)), "frontend -> backend:80");
     assert!(!probe(&t.fe, at(&t.be, 81)), "backend allows only port 80");
     assert!(!probe(&t.ext2, at(&t.be, 80)), "ipBlock except 198.18.1.31");
+    assert!(probe(&t.ext, at(&t.be, 80)), "ipBlock admits 198.18.1.30");
 
     let (a, b) = (endpoints_of(&t.lab, 0), endpoints_of(&t.lab, 1));
     for ep in [a, b] {
@@ -1480,7 +1602,20 @@ fn metrics_probes_and_flow_logs() {
             "{m}"
         );
     }
-    assert_eq!(sample(&m, "trireme_queue_scrape_errors"), Some(0.0), "{m}");
+    // ... and the flows our table decided there by address: ext's
+    // tokenless SYN, which no userspace counter saw.
+    let kernel = |pu: &str, dir: &str, verdict: &str| {
+        sample(
+            &m,
+            &format!(
+                "trireme_kernel_flows_total{{pu=\"{pu}\",direction=\"{dir}\",verdict=\"{verdict}\"}}"
+            ),
+        )
+    };
+    assert!(kernel("be", "ingress", "allowed") >= Some(1.0), "{m}");
+    assert_eq!(kernel("be", "ingress", "dropped"), Some(0.0), "{m}");
+    assert_eq!(kernel("db", "egress", "allowed"), Some(0.0), "{m}");
+    assert_eq!(sample(&m, "trireme_kernel_scrape_errors"), Some(0.0), "{m}");
     // Every sample belongs to the family announced before it.
     let mut family = String::new();
     for l in m.lines() {

@@ -1,13 +1,20 @@
-//! UDP and SCTP decided in the kernel: the verdict a PU's policy gives
-//! every (peer address, protocol, port), compiled into interval elements
-//! that one nftables set lookup matches.
+//! Flows judged by the peer's address alone, decided in the kernel: UDP
+//! and SCTP in both directions, and inbound TCP SYNs that carry no token.
+//! The verdict a PU's policy gives every (peer address, protocol, port) is
+//! compiled into interval elements that one nftables set lookup matches.
 //!
-//! Why this is exact rather than an approximation: a datagram peer sends
-//! no token, so the evaluator sees only its address (plus the labels of
+//! Why this is exact rather than an approximation: such a peer sends no
+//! token, so the evaluator sees only its address (plus the labels of
 //! configured remotes, each a single address). Addresses between two
 //! consecutive CIDR boundaries, and ports between two consecutive port
 //! boundaries, are indistinguishable to every rule; deciding one
 //! representative per cell therefore decides the whole cell.
+//!
+//! Why tokenless SYNs too: the userspace answer for them is the same
+//! lookup, and deciding them in the kernel spares connections from
+//! outside the mesh (load balancers, unenforced nodes) a trip to the
+//! queue, and keeps a flood of them from occupying the queue threads
+//! that every PU's handshakes share.
 
 use ipnet::IpNet;
 use std::collections::BTreeSet;
@@ -53,8 +60,11 @@ pub struct PuTables {
     pub out6: Table,
 }
 
-/// The protocols decided here (TCP goes through the handshake).
-pub const PROTOCOLS: [Protocol; 2] = [Protocol::Udp, Protocol::Sctp];
+/// What a PU's inbound tables decide: datagrams, and TCP SYNs without a
+/// token (a SYN with one goes to the handshake).
+pub const INBOUND: &[Protocol] = &[Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+/// What its outbound tables decide: its own SYNs always take a token.
+pub const OUTBOUND: &[Protocol] = &[Protocol::Udp, Protocol::Sctp];
 
 /// More cells than this and the table is not built: the PU's datagrams
 /// go to userspace instead (same verdicts, slower first packets).
@@ -64,14 +74,16 @@ pub const MAX_CELLS: usize = 1 << 21;
 #[derive(Clone, Debug)]
 pub struct Boundaries {
     v6: bool,
+    protocols: &'static [Protocol],
     addrs: BTreeSet<u128>,
     ports: BTreeSet<u32>,
 }
 
 impl Boundaries {
-    pub fn new(v6: bool) -> Self {
+    pub fn new(v6: bool, protocols: &'static [Protocol]) -> Self {
         Boundaries {
             v6,
+            protocols,
             addrs: BTreeSet::from([0]),
             ports: BTreeSet::from([0]),
         }
@@ -143,12 +155,13 @@ impl Boundaries {
     }
 
     pub fn cells(&self) -> usize {
-        self.addrs.len() * self.ports.len() * PROTOCOLS.len()
+        self.addrs.len() * self.ports.len() * self.protocols.len()
     }
 
     /// One table deciding everything alike (no per-cell work).
     pub fn uniform(&self, cell: Cell) -> Table {
-        let all: Vec<Element> = PROTOCOLS
+        let all: Vec<Element> = self
+            .protocols
             .iter()
             .map(|p| Element {
                 addrs: (self.ip(0), self.ip(self.max())),
@@ -180,7 +193,7 @@ impl Boundaries {
         }
         let ports = self.port_cells();
         let mut table = Table::default();
-        for protocol in PROTOCOLS {
+        for &protocol in self.protocols {
             let mut open: Option<Span> = None;
             for (lo, hi) in self.addr_cells() {
                 let mut runs: Vec<Run> = Vec::new();
@@ -271,7 +284,7 @@ mod tests {
     }
 
     fn bounds() -> Boundaries {
-        let mut b = Boundaries::new(false);
+        let mut b = Boundaries::new(false, OUTBOUND);
         for n in ["10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/16"] {
             b.net(&net(n));
         }
@@ -293,11 +306,22 @@ mod tests {
 
     #[test]
     fn uniform_tables() {
-        let b = Boundaries::new(true);
+        let b = Boundaries::new(true, INBOUND);
         let all = b.uniform(Cell::Allow);
         assert_eq!(
             all.verdict("fd00::1".parse().unwrap(), Protocol::Sctp, 1),
             Cell::Allow
+        );
+        assert_eq!(
+            all.verdict("fd00::1".parse().unwrap(), Protocol::Tcp, 443),
+            Cell::Allow
+        );
+        assert_eq!(
+            Boundaries::new(true, OUTBOUND)
+                .uniform(Cell::Allow)
+                .verdict("fd00::1".parse().unwrap(), Protocol::Tcp, 443),
+            Cell::Deny,
+            "outbound tables never decide TCP"
         );
         assert_eq!(b.uniform(Cell::Deny), Table::default());
         assert_eq!(
@@ -308,7 +332,7 @@ mod tests {
 
     #[test]
     fn too_many_cells_are_refused() {
-        let mut b = Boundaries::new(false);
+        let mut b = Boundaries::new(false, OUTBOUND);
         for i in 0..1100u32 {
             b.host(IpAddr::V4(Ipv4Addr::from(i * 7)));
             b.ports(i as u16, i as u16);

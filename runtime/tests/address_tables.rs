@@ -1,7 +1,8 @@
-//! The kernel's datagram tables against the userspace path, in-process (no
-//! kernel): for random UDP and SCTP flows, in and out, IPv4 and IPv6, the
-//! verdict the compiled nftables sets give equals the enforcer's verdict on
-//! the same packet. The policy mixes all three tiers (admin Pass and Deny,
+//! The kernel's tables for peers known by address against the userspace
+//! path, in-process (no kernel): for random UDP and SCTP flows, in and
+//! out, and inbound TCP SYNs without a token, IPv4 and IPv6, the verdict
+//! the compiled nftables sets give equals the enforcer's verdict on the
+//! same packet. The policy mixes all three tiers (admin Pass and Deny,
 //! NetworkPolicy ipBlock with except and named ports, a baseline Deny),
 //! port ranges, configured remotes, configured nodes (`nodes` peers) and
 //! another local PU.
@@ -12,8 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::OnceLock;
 use trireme_compiler::model::{Identity, NamedPort, Protocol};
-use trireme_runtime::datagram::Cell;
-use trireme_runtime::datagram::PuTables;
+use trireme_runtime::by_address::Cell;
+use trireme_runtime::by_address::PuTables;
 use trireme_runtime::enforcer::{Enforcer, Hook, Pu, Verdict};
 use trireme_tokens::handshake::{Config, Credentials, Engine};
 use trireme_tokens::keys::Psk;
@@ -50,9 +51,9 @@ spec:
   policyTypes: [Ingress, Egress]
   ingress:
   - from: [{podSelector: {matchLabels: {role: app}}}]
-    ports: [{protocol: UDP, port: dns}]
+    ports: [{protocol: UDP, port: dns}, {protocol: TCP, port: 8080}]
   - from: [{ipBlock: {cidr: 198.18.0.0/16, except: [198.18.2.0/24, 198.18.1.128/25]}}]
-    ports: [{protocol: UDP, port: 53}, {protocol: SCTP, port: 9003, endPort: 9010}]
+    ports: [{protocol: UDP, port: 53}, {protocol: SCTP, port: 9003, endPort: 9010}, {protocol: TCP, port: 80}]
   - from: [{ipBlock: {cidr: "fd00::/16", except: ["fd00:2::/32"]}}]
     ports: [{protocol: UDP, port: 53}]
   egress:
@@ -141,19 +142,30 @@ fn fixture() -> &'static Fixture {
             ("fd00:1::10".parse().unwrap(), 1),
         ]));
         let l = e.policy();
-        let tables = (0..2).map(|pu| e.datagram_tables(&l, pu).0).collect();
+        let tables = (0..2).map(|pu| e.address_tables(&l, pu).0).collect();
         Fixture { e, tables }
     })
 }
 
-/// A datagram between `local` (the PU) and `remote`, in the PU's view.
-fn packet(hook: Hook, local: IpAddr, remote: IpAddr, sctp: bool, port: u16) -> Vec<u8> {
+/// The first packet of a flow between `local` (the PU) and `remote`, in
+/// the PU's view: a datagram, or a SYN without a token.
+fn packet(hook: Hook, local: IpAddr, remote: IpAddr, protocol: Protocol, port: u16) -> Vec<u8> {
     let (src, dst) = match hook {
         Hook::In => (remote, local),
         Hook::Out => (local, remote),
     };
     let mut out = Vec::new();
-    if sctp {
+    if protocol == Protocol::Tcp {
+        let b = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), 64),
+            (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), 64),
+            _ => unreachable!(),
+        };
+        b.tcp(40000, port, 1, 64240)
+            .syn()
+            .write(&mut out, &[])
+            .unwrap();
+    } else if protocol == Protocol::Sctp {
         // SCTP common header (ports, verification tag, checksum): all the
         // enforcer reads.
         let mut payload = vec![0u8; 12];
@@ -241,7 +253,7 @@ fn addr_strategy(v6: bool) -> BoxedStrategy<IpAddr> {
 fn port_strategy() -> impl Strategy<Value = u16> {
     prop_oneof![
         any::<u16>(),
-        proptest::sample::select(vec![53u16, 99, 150, 201, 7000, 9003, 9010])
+        proptest::sample::select(vec![53u16, 80, 99, 150, 201, 7000, 8080, 9003, 9010])
             .prop_flat_map(|p| (0u16..3).prop_map(move |d| p.wrapping_add(d).wrapping_sub(1))),
     ]
 }
@@ -254,7 +266,7 @@ proptest! {
         (remote, port) in any::<bool>().prop_flat_map(|v6| (addr_strategy(v6), port_strategy())),
         pu in 0usize..2,
         inbound in any::<bool>(),
-        sctp in any::<bool>(),
+        protocol in proptest::sample::select(vec![Protocol::Udp, Protocol::Sctp, Protocol::Tcp]),
     ) {
         let f = fixture();
         let local: IpAddr = match (pu, remote.is_ipv4()) {
@@ -264,6 +276,8 @@ proptest! {
             _ => "fd00:1::10".parse().unwrap(),
         };
         prop_assume!(remote != local);
+        // A PU's own SYNs always carry a token: the handshake decides.
+        prop_assume!(inbound || protocol != Protocol::Tcp);
         let hook = if inbound { Hook::In } else { Hook::Out };
         let t = &f.tables[pu];
         let table = match (hook, remote.is_ipv4()) {
@@ -272,9 +286,8 @@ proptest! {
             (Hook::Out, true) => &t.out4,
             (Hook::Out, false) => &t.out6,
         };
-        let protocol = if sctp { Protocol::Sctp } else { Protocol::Udp };
         let kernel = table.verdict(remote, protocol, port);
-        let userspace = match f.e.handle(pu, hook, &packet(hook, local, remote, sctp, port), 0) {
+        let userspace = match f.e.handle(pu, hook, &packet(hook, local, remote, protocol, port), 0) {
             Verdict::Authorize(None) => Cell::Allow,
             Verdict::Drop(_) => Cell::Deny,
             other => panic!("{other:?}"),
@@ -318,7 +331,7 @@ fn nodes_peers_select_node_addresses_by_labels() {
         let v = f.e.handle(
             0,
             Hook::Out,
-            &packet(Hook::Out, local, remote, true, 9003),
+            &packet(Hook::Out, local, remote, Protocol::Sctp, 9003),
             0,
         );
         assert_eq!(
