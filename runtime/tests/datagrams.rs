@@ -184,16 +184,8 @@ fn udp_is_decided_by_kernel_sets_with_the_policy_semantics() {
     );
 
     // The kernel counts what it allowed, and dropped nothing itself.
-    let counter = |h: &Host, name: &str| -> u64 {
-        let out = sh_out(h, &["nft", "list", "counter", "inet", "trireme", name]);
-        out.split("packets ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no counter {name}: {out}"))
-    };
-    assert!(counter(&dns, "in_allowed") >= 5);
-    assert_eq!(counter(&dns, "in_dropped"), 0);
+    assert!(nft_counter(&dns, "in_allowed") >= 5);
+    assert_eq!(nft_counter(&dns, "in_dropped"), 0);
 
     // A policy update replaces the tables: dns now admits nobody.
     let deny = POLICIES

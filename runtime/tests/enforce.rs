@@ -690,22 +690,6 @@ fn busy_polling_workers_serve_connections() {
     assert!(nft_counter(&web, "in_allowed") >= 10);
 }
 
-/// A named counter of our nftables table in `h`'s namespace (packets).
-fn nft_counter(h: &Host, name: &str) -> u64 {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &h.ns, "nft", "list", "counter", "inet", "trireme", name,
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split("packets ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counter {name} in {}: {text}", h.ns))
-}
-
 /// A peer that sends no token is judged by its address in the kernel:
 /// allowed SYNs never reach the queue, denied ones reach it (to be
 /// counted and logged) at most at the kernel's rate, and a flood of them
