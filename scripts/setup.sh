@@ -37,7 +37,7 @@ if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
     exit 1
   fi
 fi
-# The enforcer's tests and demo: network namespaces (iproute2), iptables-nft for the TCP chains, nft for the UDP/SCTP sets,
+# The enforcer's tests and demo: network namespaces (iproute2), iptables-nft for the TCP chains, nft for the by-address sets (UDP/SCTP, tokenless SYNs),
 # scapy for the replay and SCTP tests.
 need=()
 command -v ip >/dev/null || need+=(iproute2)

@@ -784,10 +784,8 @@ fn tokenless_rounds(
         if round == rounds - 1 {
             // The stats file is written once a second.
             std::thread::sleep(Duration::from_millis(1500));
-            syns = (
-                n(&stats(l, ib), "handled_syn_in"),
-                n(&stats(l, ib), "ingress_allowed_by_ip"),
-            );
+            let st = stats(l, ib);
+            syns = (n(&st, "handled_syn_in"), n(&st, "ingress_allowed_by_ip"));
         }
         l.kill(ib);
         kernel.push(k - plain);

@@ -433,7 +433,8 @@ pub fn render(t: &PuTables, mode: Mode) -> nftables::schema::Nftables<'static> {
         }
         // Every other TCP packet crosses this chain; one comparison sends
         // it on to the handshake chains instead of a set lookup in each of
-        // five rules.
+        // five rules. (Inbound, the flags test above comes first: a
+        // segment without SYN fails it at its first comparison.)
         b.add(rule(
             base.into(),
             vec![
@@ -585,16 +586,15 @@ fn parse_counters(mut b: &[u8], c: &mut Counted) -> Result<bool, String> {
                     }
                 }
                 let slot = match name.map(|n| n.trim_end_matches('\0')) {
-                    Some("in_allowed") => &mut c.in_allowed,
-                    Some("in_dropped") => &mut c.in_dropped,
-                    Some("out_allowed") => &mut c.out_allowed,
-                    Some("out_dropped") => &mut c.out_dropped,
-                    _ => {
-                        b = &b[((len + 3) & !3).min(b.len())..];
-                        continue;
-                    }
+                    Some("in_allowed") => Some(&mut c.in_allowed),
+                    Some("in_dropped") => Some(&mut c.in_dropped),
+                    Some("out_allowed") => Some(&mut c.out_allowed),
+                    Some("out_dropped") => Some(&mut c.out_dropped),
+                    _ => None,
                 };
-                *slot = packets.unwrap_or(0);
+                if let Some(slot) = slot {
+                    *slot = packets.unwrap_or(0);
+                }
             }
             _ => {}
         }
